@@ -1,0 +1,117 @@
+//! The flow hash and the IPv4 header checksum. Plain integer code with no loops over runtime
+//! lengths, so the same functions run in the data plane and on the host (where `lbctl`, tests and
+//! benchmarks predict which backend a flow gets).
+
+use crate::keys::FlowKey;
+
+#[inline(always)]
+fn mix(h: u32, k: u32) -> u32 {
+    // murmur3's per-word step.
+    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+fn finish(mut h: u32) -> u32 {
+    // murmur3's finaliser: every input bit affects every output bit.
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+const SEED: u32 = 0x4c42_5f31;
+
+/// Hash of the whole 5-tuple.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    let mut h = SEED;
+    h = mix(h, key.src[0]);
+    h = mix(h, key.src[1]);
+    h = mix(h, key.src[2]);
+    h = mix(h, key.src[3]);
+    h = mix(h, key.dst[0]);
+    h = mix(h, key.dst[1]);
+    h = mix(h, key.dst[2]);
+    h = mix(h, key.dst[3]);
+    h = mix(h, (u32::from(key.sport) << 16) | u32::from(key.dport));
+    h = mix(h, u32::from(key.proto));
+    finish(h)
+}
+
+/// Hash of the source address only (`VIP_F_HASH_SRC_ONLY`).
+#[inline(always)]
+pub fn src_hash(key: &FlowKey) -> u32 {
+    let mut h = SEED;
+    h = mix(h, key.src[0]);
+    h = mix(h, key.src[1]);
+    h = mix(h, key.src[2]);
+    h = mix(h, key.src[3]);
+    finish(h)
+}
+
+/// Folds a 32-bit one's complement sum to 16 bits and complements it.
+#[inline(always)]
+pub fn csum_fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Checksum of a 20-byte IPv4 header given as ten 16-bit words in memory order (the checksum
+/// word itself must be zero). The result is in memory order too: store it as is.
+#[inline(always)]
+pub fn ipv4_header_csum(words: &[u16; 10]) -> u16 {
+    let mut sum = 0u32;
+    sum += u32::from(words[0]);
+    sum += u32::from(words[1]);
+    sum += u32::from(words[2]);
+    sum += u32::from(words[3]);
+    sum += u32::from(words[4]);
+    sum += u32::from(words[5]);
+    sum += u32::from(words[6]);
+    sum += u32::from(words[7]);
+    sum += u32::from(words[8]);
+    sum += u32::from(words[9]);
+    csum_fold(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_of_known_header() {
+        // 45 00 00 73 00 00 40 00 40 11 [b8 61] c0 a8 00 01 c0 a8 00 c7 (Wikipedia's example).
+        let bytes: [u8; 20] = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0, 0, 0xc0, 0xa8, 0x00,
+            0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        let mut words = [0u16; 10];
+        for (i, w) in words.iter_mut().enumerate() {
+            *w = u16::from_ne_bytes([bytes[2 * i], bytes[2 * i + 1]]);
+        }
+        assert_eq!(ipv4_header_csum(&words).to_ne_bytes(), [0xb8, 0x61]);
+    }
+
+    #[test]
+    fn hash_depends_on_every_field() {
+        let base = FlowKey {
+            src: [1, 0, 0, 0],
+            dst: [2, 0, 0, 0],
+            sport: 3,
+            dport: 4,
+            proto: 6,
+            family: 4,
+            pad: [0; 2],
+        };
+        let h = flow_hash(&base);
+        assert_ne!(h, flow_hash(&FlowKey { src: [9, 0, 0, 0], ..base }));
+        assert_ne!(h, flow_hash(&FlowKey { dst: [9, 0, 0, 0], ..base }));
+        assert_ne!(h, flow_hash(&FlowKey { sport: 9, ..base }));
+        assert_ne!(h, flow_hash(&FlowKey { dport: 9, ..base }));
+        assert_ne!(h, flow_hash(&FlowKey { proto: 17, ..base }));
+        assert_eq!(src_hash(&base), src_hash(&FlowKey { sport: 9, ..base }));
+    }
+}

@@ -1,0 +1,94 @@
+//! Counters: one typed enum indexes `LB_GLOBAL_STATS`, and one `DropReason` enum serves the data
+//! plane, the metrics labels and the documentation.
+
+/// Why the data plane dropped a packet addressed to a VIP.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// IPv4 header with IHL < 5, a version other than 4, or a total length that does not fit.
+    BadIpHeader = 0,
+    /// IPv4 options (IHL > 5): not forwarded, as in Katran.
+    IpOptions = 1,
+    /// IPv4 fragment (MF set or non-zero offset): the L4 ports are not in every fragment.
+    Fragment = 2,
+    /// TCP or UDP header cut short, or TCP data offset < 5.
+    BadL4Header = 3,
+    /// A VIP address with a protocol no VIP serves (not TCP or UDP).
+    UnsupportedProtocol = 4,
+    /// The VIP has no usable backend.
+    NoBackend = 5,
+    /// Growing the packet for the outer header failed.
+    EncapFailed = 6,
+    /// The backend slot names no egress interface the program can reach.
+    NoRoute = 7,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 8] = [
+        DropReason::BadIpHeader,
+        DropReason::IpOptions,
+        DropReason::Fragment,
+        DropReason::BadL4Header,
+        DropReason::UnsupportedProtocol,
+        DropReason::NoBackend,
+        DropReason::EncapFailed,
+        DropReason::NoRoute,
+    ];
+
+    /// The metric label and documentation name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::BadIpHeader => "bad_ip_header",
+            DropReason::IpOptions => "ip_options",
+            DropReason::Fragment => "fragment",
+            DropReason::BadL4Header => "bad_l4_header",
+            DropReason::UnsupportedProtocol => "unsupported_protocol",
+            DropReason::NoBackend => "no_backend",
+            DropReason::EncapFailed => "encap_failed",
+            DropReason::NoRoute => "no_route",
+        }
+    }
+}
+
+/// Global counters: index into `LB_GLOBAL_STATS` (a per-CPU array of u64).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets that were not for a VIP and went on untouched.
+    Pass = 0,
+    /// Packets sent back out of the ingress interface.
+    Tx = 1,
+    /// Packets redirected to another interface.
+    Redirect = 2,
+    /// Packets dropped (also counted by reason below).
+    Drop = 3,
+    /// New flow entries written.
+    NewFlows = 4,
+    /// Packets whose flow entry was found and still valid.
+    FlowHits = 5,
+    /// Non-SYN packets with no valid flow entry (after a restart, on another host, or after
+    /// their backend went away): re-hashed through Maglev.
+    FlowMisses = 6,
+    /// First of `DropReason::ALL.len()` per-reason drop counters.
+    DropBase = 8,
+}
+
+/// Number of entries in `LB_GLOBAL_STATS`.
+pub const COUNTER_COUNT: u32 = Counter::DropBase as u32 + DropReason::ALL.len() as u32;
+
+impl DropReason {
+    /// This reason's index in `LB_GLOBAL_STATS`.
+    pub const fn counter_index(self) -> u32 {
+        Counter::DropBase as u32 + self as u32
+    }
+}
+
+/// Value of `LB_VIP_STATS` and `LB_BACKEND_STATS` (per-CPU; userspace sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    /// Bytes as received (before encapsulation).
+    pub bytes: u64,
+    pub new_flows: u64,
+}

@@ -1,0 +1,1 @@
+//! Test support: namespace topologies, traffic generators, program test-run fixtures.
