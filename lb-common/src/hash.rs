@@ -2,13 +2,22 @@
 //! lengths, so the same functions run in the data plane and on the host (where `lbctl`, tests and
 //! benchmarks predict which backend a flow gets).
 
+// The data plane must not pay for a BPF-to-BPF call per packet on these few instructions.
+#![allow(clippy::inline_always)]
+
 use crate::keys::FlowKey;
 
 #[inline(always)]
 fn mix(h: u32, k: u32) -> u32 {
     // murmur3's per-word step.
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -107,8 +116,20 @@ mod tests {
             pad: [0; 2],
         };
         let h = flow_hash(&base);
-        assert_ne!(h, flow_hash(&FlowKey { src: [9, 0, 0, 0], ..base }));
-        assert_ne!(h, flow_hash(&FlowKey { dst: [9, 0, 0, 0], ..base }));
+        assert_ne!(
+            h,
+            flow_hash(&FlowKey {
+                src: [9, 0, 0, 0],
+                ..base
+            })
+        );
+        assert_ne!(
+            h,
+            flow_hash(&FlowKey {
+                dst: [9, 0, 0, 0],
+                ..base
+            })
+        );
         assert_ne!(h, flow_hash(&FlowKey { sport: 9, ..base }));
         assert_ne!(h, flow_hash(&FlowKey { dport: 9, ..base }));
         assert_ne!(h, flow_hash(&FlowKey { proto: 17, ..base }));

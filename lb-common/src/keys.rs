@@ -42,7 +42,7 @@ pub fn ip_from_wire(addr: WireAddr, family: u8) -> Option<IpAddr> {
 
 /// Key of `LB_VIPS` (address, port, protocol) and of `LB_VIP_ADDRS` (port and protocol zero).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
     pub addr: WireAddr,
     /// Network byte order.
@@ -117,7 +117,7 @@ pub struct FlowValue {
     pub slot: u32,
     /// Must equal the slot's generation, or the entry is stale and the flow re-hashes.
     pub generation: u32,
-    /// `bpf_ktime_get_coarse_ns() >> 30` (about seconds of CLOCK_MONOTONIC) when last refreshed;
+    /// `bpf_ktime_get_coarse_ns() >> 30` (about seconds of `CLOCK_MONOTONIC`) when last refreshed;
     /// refreshed at most once per such tick.
     pub last_seen: u32,
     pub pad: u32,
@@ -151,7 +151,7 @@ pub struct BackendSlot {
     pub generation: u32,
     /// The VIP this slot belongs to (its `vip_id`).
     pub vip_id: u32,
-    /// Egress interface; XDP_TX when it is the ingress interface, devmap redirect otherwise.
+    /// Egress interface; `XDP_TX` when it is the ingress interface, devmap redirect otherwise.
     pub ifindex: u32,
     /// Next hop (the backend itself or the gateway toward it).
     pub dst_mac: [u8; 6],

@@ -11,7 +11,7 @@ pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
 pub const GLOBAL_STATS: &str = "LB_GLOBAL_STATS";
 pub const CONFIG: &str = "LB_CONFIG";
 pub const TX_PORTS: &str = "LB_TX_PORTS";
-/// lb_decap's set of VIP addresses it decapsulates for (key: `VipKey` with port and proto zero).
+/// `lb_decap`'s set of VIP addresses it decapsulates for (key: `VipKey` with port and proto zero).
 pub const DECAP_VIPS: &str = "LB_DECAP_VIPS";
 
 /// Program names (the `#[xdp]` function names).

@@ -1,6 +1,20 @@
 //! lb-userspace: the agent (lbd), the CLI (lbctl) and the library they share.
 
-/// The compiled eBPF object holding `lb_xdp`, `lb_decap` and `xdp_pass`.
-pub fn bpf_object() -> &'static [u8] {
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"))
+pub mod agent;
+pub mod config;
+pub mod dataplane;
+pub mod maglev;
+pub mod model;
+pub mod nexthop;
+pub mod reconcile;
+pub mod ring_pool;
+
+/// The gateway's eBPF object: program `lb_xdp` and every `LB_*` map except `LB_DECAP_VIPS`.
+pub fn lb_object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp.o"))
+}
+
+/// The backend's eBPF object: programs `lb_decap` and `xdp_pass`, map `LB_DECAP_VIPS`.
+pub fn decap_object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap.o"))
 }

@@ -1,1 +1,74 @@
-fn main() {}
+//! Developer entry points: `cargo xtask setup | build | run | test | demo | fmt | clippy`.
+
+mod setup;
+mod tasks;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run and test the XDP load balancer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Install what building and testing need (apt packages, nightly + rust-src, bpf-linker,
+    /// bpffs). Safe to run again: it only does what is missing.
+    Setup(setup::SetupArgs),
+    /// Set up, then build lbd and lbctl (which embed the eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run lbd with the arguments after `--`.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(last = true, value_name = "LBD_ARGS")]
+        args: Vec<String>,
+    },
+    /// Set up, build everything, then run every test (namespace tests need root).
+    Test(tasks::TestArgs),
+    /// Set up, build, then run the demo (lb-demo).
+    Demo {
+        #[arg(long)]
+        release: bool,
+        #[arg(last = true, value_name = "DEMO_ARGS")]
+        args: Vec<String>,
+    },
+    /// Format the whole workspace (`--check` only reports).
+    Fmt {
+        #[arg(long)]
+        check: bool,
+    },
+    /// Clippy on every crate and target, warnings as errors.
+    Clippy,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup(args) => setup::setup(&args),
+        Cmd::Build { release } => tasks::build(release),
+        Cmd::Run { release, args } => tasks::run_lbd(release, &args),
+        Cmd::Test(args) => tasks::test(&args),
+        Cmd::Demo { release, args } => tasks::demo(release, &args),
+        Cmd::Fmt { check } => tasks::fmt(check),
+        Cmd::Clippy => tasks::clippy(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! IPIP encapsulation: grows the frame by an outer IPv4 header and writes a new Ethernet header
+//! toward the backend's next hop. The inner packet is left byte for byte as received.
+
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{
+    BackendSlot, DropReason,
+    hash::ipv4_header_csum,
+    keys::{ENCAP_IPIP, FAMILY_V4},
+};
+use network_types::eth::EthHdr;
+
+use crate::parse::{ETH_HLEN, ETH_P_IP, IPV4_HLEN, ptr_at};
+
+const IPPROTO_IPIP: u8 = 4;
+const OUTER_TTL: u8 = 64;
+/// Don't-fragment: the outer packet must not be fragmented on the way to the backend.
+const IP_DF: u16 = 0x4000;
+
+/// What the outer header copies from the inner packet.
+pub struct Inner {
+    pub tos: u8,
+    /// Host order.
+    pub tot_len: u16,
+}
+
+/// Encapsulates the packet in IPv4 from `src` to the backend. On success the frame is
+/// `[Ethernet slot.src_mac -> slot.dst_mac][outer IPv4][inner IPv4 ...]`.
+#[inline(always)]
+pub fn ipip_v4(
+    ctx: &XdpContext,
+    slot: &BackendSlot,
+    inner: &Inner,
+    src: u32,
+) -> Result<(), DropReason> {
+    // Only IPv4-in-IPv4 so far; an IPv6 backend needs an IPv6 outer header.
+    if slot.family != FAMILY_V4 || slot.encap != ENCAP_IPIP {
+        return Err(DropReason::EncapFailed);
+    }
+    let tot_len = inner
+        .tot_len
+        .checked_add(IPV4_HLEN as u16)
+        .ok_or(DropReason::EncapFailed)?;
+    let dst = slot.addr[0];
+    let [s0, s1, s2, s3] = src.to_ne_bytes();
+    let [d0, d1, d2, d3] = dst.to_ne_bytes();
+    // The outer header as ten 16-bit words in memory order (checksum word zero for now).
+    let mut words: [u16; 10] = [
+        u16::from_ne_bytes([0x45, inner.tos]),
+        tot_len.to_be(),
+        0,
+        IP_DF.to_be(),
+        u16::from_ne_bytes([OUTER_TTL, IPPROTO_IPIP]),
+        0,
+        u16::from_ne_bytes([s0, s1]),
+        u16::from_ne_bytes([s2, s3]),
+        u16::from_ne_bytes([d0, d1]),
+        u16::from_ne_bytes([d2, d3]),
+    ];
+    words[5] = ipv4_header_csum(&words);
+
+    // SAFETY: the helper only moves ctx->data; it takes the program's own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_HLEN as i32)) } != 0 {
+        return Err(DropReason::EncapFailed);
+    }
+    // adjust_head invalidates every packet pointer: bounds are checked again from the new start.
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DropReason::EncapFailed)?;
+    let ip = ptr_at::<[u16; 10]>(ctx, ETH_HLEN).ok_or(DropReason::EncapFailed)?;
+    // SAFETY: both bounds-checked above. Unaligned writes: nothing guarantees the frame's start
+    // is even (the BPF backend splits them into narrower stores).
+    unsafe {
+        eth.write_unaligned(EthHdr {
+            dst_addr: slot.dst_mac,
+            src_addr: slot.src_mac,
+            ether_type: ETH_P_IP.to_be(),
+        });
+        ip.write_unaligned(words);
+    }
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! Stage modules of the data plane, shared by the two objects built from `src/bin`: `lb-xdp` (the
+//! balancer, feature `balancer`) and `lb-decap` (backend-side decapsulation, feature `decap`).
+//! One module per stage; the bins only wire the stages together.
+#![no_std]
+// Inlining is how BPF code stays verifiable and cheap: a map reference stays a load-time
+// constant and no BPF-to-BPF call is emitted (older kernels cannot mix those with tail calls).
+#![allow(clippy::inline_always)]
+
+#[cfg(feature = "decap")]
+pub mod decap;
+#[cfg(feature = "balancer")]
+pub mod egress;
+pub mod encap;
+#[cfg(feature = "balancer")]
+pub mod lookup;
+#[cfg(feature = "balancer")]
+pub mod maps;
+pub mod parse;
+#[cfg(feature = "balancer")]
+pub mod stats;

@@ -1,0 +1,466 @@
+//! lbd's configuration file (TOML): data-plane settings and the VIPs to serve. Parsing is strict
+//! (unknown keys are errors, defaults are explicit) and a file that does not parse or validate is
+//! refused whole, never half-applied.
+//!
+//! The commented example, also in `lb-userspace/lb.example.toml` (and tested to parse):
+//!
+//! ```toml
+#![doc = include_str!("../lb.example.toml")]
+//! ```
+
+use std::{
+    fmt, io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use lb_common::GlobalConfig;
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
+use thiserror::Error;
+
+use crate::model::{DesiredState, ModelError, ParseError, VipSpec};
+
+/// A parsed and validated configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub settings: Settings,
+    pub state: DesiredState,
+}
+
+/// The `[settings]` table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Outer IPv4 source of encapsulated packets: `prefix | (flow hash & host bits)`.
+    #[serde(rename = "encap_source_prefix", default = "default_encap_source")]
+    pub encap_source: Ipv4Prefix,
+}
+
+/// 172.16.0.0/16, Katran's choice too: a private range that gives 16 bits of per-flow
+/// entropy. Backends decapsulating in XDP never route it back; ones using the kernel's ipip
+/// device need it to pass their reverse-path filter (loose mode with a default route does).
+pub const DEFAULT_ENCAP_SOURCE: Ipv4Prefix = Ipv4Prefix {
+    addr: Ipv4Addr::new(172, 16, 0, 0),
+    len: 16,
+};
+
+fn default_encap_source() -> Ipv4Prefix {
+    DEFAULT_ENCAP_SOURCE
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            encap_source: DEFAULT_ENCAP_SOURCE,
+        }
+    }
+}
+
+impl Settings {
+    /// The data plane's `LB_CONFIG` value for these settings.
+    pub fn global_config(&self) -> GlobalConfig {
+        GlobalConfig {
+            // Wire order: the bytes as they go on the wire, read as a native u32.
+            encap_src_v4: u32::from_ne_bytes(self.encap_source.addr.octets()),
+            encap_src_v4_mask: u32::from_ne_bytes(self.encap_source.host_mask().to_be_bytes()),
+            ..GlobalConfig::default()
+        }
+    }
+}
+
+/// An IPv4 prefix with its host bits zero, written `172.16.0.0/16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ipv4Prefix {
+    addr: Ipv4Addr,
+    len: u8,
+}
+
+impl Ipv4Prefix {
+    /// `None` when `len > 32` or `addr` has bits set beyond the prefix.
+    pub fn new(addr: Ipv4Addr, len: u8) -> Option<Self> {
+        let prefix = Self { addr, len };
+        (len <= 32 && u32::from(addr) & prefix.host_mask() == 0).then_some(prefix)
+    }
+
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+
+    /// The host bits, in host byte order.
+    pub fn host_mask(&self) -> u32 {
+        u32::MAX.checked_shr(u32::from(self.len)).unwrap_or(0)
+    }
+}
+
+impl fmt::Display for Ipv4Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Ipv4Prefix {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let bad = |reason| ParseError::new("IPv4 prefix", s, reason);
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| bad("expected \"address/length\", e.g. \"172.16.0.0/16\""))?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad("bad IPv4 address"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|&l| l <= 32)
+            .ok_or_else(|| bad("the length must be 0..=32"))?;
+        Self::new(addr, len).ok_or_else(|| bad("the address has bits set beyond the prefix"))
+    }
+}
+
+impl Serialize for Ipv4Prefix {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Ipv4Prefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// The file as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    settings: Settings,
+    #[serde(default)]
+    vip: Vec<VipSpec>,
+}
+
+#[derive(Serialize)]
+struct FileRef<'a> {
+    settings: &'a Settings,
+    vip: Vec<&'a VipSpec>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A problem in the named file.
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: Box<ConfigError>,
+    },
+    /// Not TOML, an unknown key, or a value of the wrong type or form; toml's message shows the
+    /// line, the column and the offending text.
+    #[error("{0}")]
+    Syntax(#[source] toml::de::Error),
+    /// Well-formed but refused by the model's validation; the message names the field.
+    #[error("{0}")]
+    Invalid(#[source] ModelError),
+}
+
+/// Parses and validates a configuration.
+pub fn parse_config(text: &str) -> Result<Config, ConfigError> {
+    let file: File = toml::from_str(text).map_err(ConfigError::Syntax)?;
+    let state = DesiredState::from_vips(file.vip).map_err(ConfigError::Invalid)?;
+    Ok(Config {
+        settings: file.settings,
+        state,
+    })
+}
+
+/// Reads, parses and validates a configuration file; errors name the file.
+pub fn load_config(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_config(&text).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        source: Box::new(e),
+    })
+}
+
+impl Config {
+    /// The configuration as a file that [`parse_config`] reads back to the same value, with
+    /// every default written out.
+    pub fn to_toml(&self) -> String {
+        let file = FileRef {
+            settings: &self.settings,
+            vip: self.state.vips.values().collect(),
+        };
+        // Strings, integers and tables only: always representable in TOML.
+        let text = toml::to_string(&file).expect("a Config always serializes");
+        let mut doc: toml_edit::DocumentMut = text.parse().expect("toml reads its own output");
+        // One inline table per backend, as in the example file, rather than a
+        // `[[vip.backends]]` block of three lines each.
+        let vips = doc
+            .get_mut("vip")
+            .and_then(toml_edit::Item::as_array_of_tables_mut);
+        for vip in vips
+            .into_iter()
+            .flat_map(toml_edit::ArrayOfTables::iter_mut)
+        {
+            let Some((mut key, item)) = vip.get_key_value_mut("backends") else {
+                continue;
+            };
+            // An empty list is already written inline.
+            let toml_edit::Item::ArrayOfTables(backends) = item else {
+                continue;
+            };
+            let mut array = std::mem::take(backends).into_array();
+            for backend in array.iter_mut() {
+                backend.decor_mut().set_prefix("\n  ");
+            }
+            array.set_trailing("\n");
+            array.set_trailing_comma(true);
+            let mut value = toml_edit::Value::Array(array);
+            value.decor_mut().set_prefix(" ");
+            key.leaf_decor_mut().set_suffix(" ");
+            *item = toml_edit::Item::Value(value);
+        }
+        doc.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::model::{BackendSpec, HashMode, VipId};
+
+    const EXAMPLE: &str = include_str!("../lb.example.toml");
+
+    fn parse_err(text: &str) -> String {
+        parse_config(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn example_parses() {
+        let config = parse_config(EXAMPLE).unwrap();
+        assert_eq!(config.settings, Settings::default());
+        let web: VipId = "10.200.0.100:80/tcp".parse().unwrap();
+        let dns: VipId = "10.200.0.100:53/udp".parse().unwrap();
+        let web = config.state.vip(&web).unwrap();
+        assert_eq!(web.ring_size, 65_537);
+        assert_eq!(web.hash, HashMode::FiveTuple);
+        let addr = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            web.backends,
+            [
+                BackendSpec::new(addr("10.10.0.11"), 100),
+                BackendSpec::new(addr("10.10.0.12"), 100),
+                BackendSpec::new(addr("10.10.0.13"), 0),
+            ]
+        );
+        assert_eq!(config.state.vip(&dns).unwrap().hash, HashMode::SrcIp);
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let config = parse_config("").unwrap();
+        assert_eq!(config, Config::default());
+        let cfg = config.settings.global_config();
+        assert_eq!(cfg.encap_src_v4.to_ne_bytes(), [172, 16, 0, 0]);
+        assert_eq!(cfg.encap_src_v4_mask.to_ne_bytes(), [0, 0, 255, 255]);
+    }
+
+    #[test]
+    fn export_round_trips() {
+        let config = parse_config(EXAMPLE).unwrap();
+        let text = config.to_toml();
+        assert_eq!(parse_config(&text).unwrap(), config, "{text}");
+        assert!(
+            text.contains("\n[[vip]]\naddress = \"10.200.0.100:80/tcp\"\nring_size = 65537\nhash = \"5tuple\"\nbackends = [\n  { address = \"10.10.0.11\", weight = 100 },\n"),
+            "{text}"
+        );
+        let empty = parse_config("[[vip]]\naddress = \"10.0.0.1:80/tcp\"").unwrap();
+        let text = empty.to_toml();
+        assert!(text.contains("\nbackends = []\n"), "{text}");
+        assert_eq!(parse_config(&text).unwrap(), empty);
+        let other = parse_config("[settings]\nencap_source_prefix = \"192.0.2.7/32\"").unwrap();
+        assert_eq!(parse_config(&other.to_toml()).unwrap(), other);
+        assert_eq!(other.settings.global_config().encap_src_v4_mask, 0);
+    }
+
+    #[test]
+    fn prefixes() {
+        for (s, mask) in [
+            ("172.16.0.0/16", 0xffff),
+            ("0.0.0.0/0", u32::MAX),
+            ("10.1.2.3/32", 0),
+        ] {
+            let p: Ipv4Prefix = s.parse().unwrap();
+            assert_eq!(p.to_string(), s);
+            assert_eq!(p.host_mask(), mask);
+        }
+        for (s, why) in [
+            ("172.16.0.1/16", "bits set beyond the prefix"),
+            ("172.16.0.0/33", "the length must be 0..=32"),
+            ("172.16.0.0", "expected \"address/length\""),
+            ("2001:db8::/32", "bad IPv4 address"),
+        ] {
+            let e = s.parse::<Ipv4Prefix>().unwrap_err().to_string();
+            assert!(e.contains(why), "{s}: {e}");
+        }
+    }
+
+    /// Every class of refusal, with the field it names.
+    #[test]
+    fn errors_name_the_field() {
+        let vip = |body: &str| format!("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n{body}\n");
+        let cases: Vec<(String, &str)> = vec![
+            // Syntax and shape, reported by toml with the line and the text.
+            ("[[vip]\n".into(), "TOML parse error at line 1"),
+            (
+                "[settings]\nencap_source = \"1.2.3.0/24\"".into(),
+                "unknown field `encap_source`",
+            ),
+            ("[setings]\n".into(), "unknown field `setings`"),
+            (vip("port = 1"), "unknown field `port`"),
+            (
+                vip("backends = [{ address = \"10.1.0.1\", wieght = 1 }]"),
+                "unknown field `wieght`",
+            ),
+            (
+                vip("backends = [{ address = \"10.1.0.1\", weight = -1 }]"),
+                "invalid value: integer `-1`",
+            ),
+            (
+                vip("backends = [{ weight = 1 }]"),
+                "missing field `address`",
+            ),
+            (
+                vip("backends = [{ address = \"10.1.0\" }]"),
+                "invalid IP address syntax",
+            ),
+            (
+                vip("hash = \"5-tuple\""),
+                "unknown variant `5-tuple`, expected `5tuple` or `src-ip`",
+            ),
+            ("[[vip]]\nring_size = 7".into(), "missing field `address`"),
+            (
+                "[[vip]]\naddress = \"10.0.0.1:80\"".into(),
+                "\"10.0.0.1:80\" is not a valid VIP",
+            ),
+            (
+                "[[vip]]\naddress = \"10.0.0.1:80/sctp\"".into(),
+                "the protocol must be \"tcp\" or \"udp\"",
+            ),
+            (
+                "[settings]\nencap_source_prefix = \"1.2.3.4/24\"".into(),
+                "bits set beyond the prefix",
+            ),
+            // Semantics, reported by the model with the field's path.
+            (
+                vip("ring_size = 65536"),
+                "vip[0].ring_size: 65536 is not prime (the next prime is 65537)",
+            ),
+            (
+                vip("ring_size = 3"),
+                "vip[0].ring_size: 3 is out of range 7..=1048573",
+            ),
+            (
+                vip("backends = [{ address = \"10.1.0.1\", weight = 70000 }]"),
+                "vip[0].backends[0].weight: 70000 is out of range 0..=65535",
+            ),
+            (
+                vip("backends = [{ address = \"10.1.0.1\" }, { address = \"10.1.0.1\" }]"),
+                "vip[0].backends[1].address: backend 10.1.0.1 is a duplicate of vip[0].backends[0]",
+            ),
+            (
+                vip("backends = [{ address = \"2001:db8::1\" }]"),
+                "vip[0].backends[0].address: 2001:db8::1 is IPv6 but the VIP 10.0.0.1 is IPv4",
+            ),
+            (
+                vip("backends = [{ address = \"224.0.0.5\" }]"),
+                "vip[0].backends[0].address: 224.0.0.5 is a multicast address",
+            ),
+            (
+                "[[vip]]\naddress = \"10.0.0.1:0/tcp\"".into(),
+                "vip[0].address: port 0 is not a valid VIP port",
+            ),
+            (
+                "[[vip]]\naddress = \"0.0.0.0:80/tcp\"".into(),
+                "vip[0].address: 0.0.0.0 is the unspecified address",
+            ),
+            (
+                "[[vip]]\naddress = \"[2001:db8::1]:80/tcp\"".into(),
+                "vip[0].address: \"[2001:db8::1]:80/tcp\": IPv6 VIPs are not supported yet",
+            ),
+            (
+                format!("{}{}", vip(""), vip("")),
+                "vip[1].address: VIP \"10.0.0.1:80/tcp\" is a duplicate of vip[0]",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse_err(&text);
+            assert!(e.contains(want), "{text:?}:\ngot  {e}\nwant {want}");
+        }
+        let e = parse_err(&vip("backends = [{ address = \"10.1.0.1\", weight = -1 }]"));
+        assert!(e.contains("line 3"), "toml names the line: {e}");
+    }
+
+    /// Removes the test's temp folder even when the test fails.
+    struct Cleanup(PathBuf);
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            // Best effort: a leftover temp folder is harmless and must not hide the result.
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _cleanup = Cleanup(dir.clone());
+
+        let good = dir.join("lb.toml");
+        std::fs::write(&good, EXAMPLE).unwrap();
+        assert_eq!(load_config(&good).unwrap(), parse_config(EXAMPLE).unwrap());
+
+        let bad = dir.join("bad.toml");
+        std::fs::write(
+            &bad,
+            "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nring_size = 10\n",
+        )
+        .unwrap();
+        let e = load_config(&bad).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: vip[0].ring_size: 10 is not prime (the next prime is 11)",
+                bad.display()
+            )
+        );
+
+        let missing = dir.join("missing.toml");
+        let e = load_config(&missing).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: cannot read:", missing.display())),
+            "{e}"
+        );
+    }
+}

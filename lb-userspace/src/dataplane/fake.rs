@@ -1,0 +1,181 @@
+//! An in-memory [`DataPlane`] for unit tests of the control logic. It also records every call,
+//! so tests can check the order of operations (slots before tables, tables before frees).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_common::{BackendSlot, GlobalConfig, VipKey, VipMeta, maps::MAX_BACKENDS};
+
+use super::{DataPlane, DataPlaneError};
+
+/// One recorded operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Config,
+    Ring { offset: u32, len: u32 },
+    SetVip(VipKey, VipMeta),
+    DelVip(VipKey),
+    SetVipAddr(VipKey, u32),
+    DelVipAddr(VipKey),
+    SetBackend(u32, BackendSlot),
+    TxPort(u32),
+}
+
+#[derive(Debug)]
+pub struct FakeDataPlane {
+    pub config: GlobalConfig,
+    pub ring: Vec<u32>,
+    pub vips: BTreeMap<VipKeyOrd, VipMeta>,
+    pub vip_addrs: BTreeMap<VipKeyOrd, u32>,
+    pub backends: Vec<BackendSlot>,
+    pub tx_ports: BTreeSet<u32>,
+    pub ops: Vec<Op>,
+    /// When set, the next mutating call fails (to test that failures change nothing visible).
+    pub fail_next: bool,
+}
+
+/// `VipKey` ordered by its bytes, so the fake's maps iterate deterministically.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VipKeyOrd(pub [u32; 4], pub u16, pub u8, pub u8);
+
+impl From<&VipKey> for VipKeyOrd {
+    fn from(k: &VipKey) -> Self {
+        Self(k.addr, k.port, k.proto, k.family)
+    }
+}
+
+impl From<VipKeyOrd> for VipKey {
+    fn from(k: VipKeyOrd) -> Self {
+        VipKey {
+            addr: k.0,
+            port: k.1,
+            proto: k.2,
+            family: k.3,
+        }
+    }
+}
+
+impl FakeDataPlane {
+    pub fn new(ring_pool: u32) -> Self {
+        Self {
+            config: GlobalConfig::default(),
+            ring: vec![0; ring_pool as usize],
+            vips: BTreeMap::new(),
+            vip_addrs: BTreeMap::new(),
+            backends: vec![BackendSlot::default(); MAX_BACKENDS as usize],
+            tx_ports: BTreeSet::new(),
+            ops: Vec::new(),
+            fail_next: false,
+        }
+    }
+
+    fn check(&mut self) -> Result<(), DataPlaneError> {
+        if std::mem::take(&mut self.fail_next) {
+            return Err(DataPlaneError::MissingMap { name: "fake" });
+        }
+        Ok(())
+    }
+
+    /// The table a VIP currently points at, as slot indices.
+    pub fn table_of(&self, key: &VipKey) -> Option<&[u32]> {
+        let meta = self.vips.get(&key.into())?;
+        let start = meta.ring_offset as usize;
+        Some(&self.ring[start..start + meta.ring_size as usize])
+    }
+}
+
+impl DataPlane for FakeDataPlane {
+    fn set_config(&mut self, config: &GlobalConfig) -> Result<(), DataPlaneError> {
+        self.check()?;
+        self.config = *config;
+        self.ops.push(Op::Config);
+        Ok(())
+    }
+
+    fn write_ring(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataPlaneError> {
+        self.check()?;
+        let end = offset as usize + entries.len();
+        if end > self.ring.len() {
+            return Err(DataPlaneError::RingOutOfBounds {
+                offset,
+                end: end as u64,
+                pool: self.ring.len() as u32,
+            });
+        }
+        self.ring[offset as usize..end].copy_from_slice(entries);
+        self.ops.push(Op::Ring {
+            offset,
+            len: entries.len() as u32,
+        });
+        Ok(())
+    }
+
+    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>, DataPlaneError> {
+        let (start, end) = (offset as usize, offset as usize + len as usize);
+        self.ring
+            .get(start..end)
+            .map(<[u32]>::to_vec)
+            .ok_or(DataPlaneError::RingOutOfBounds {
+                offset,
+                end: end as u64,
+                pool: self.ring.len() as u32,
+            })
+    }
+
+    fn ring_pool_size(&self) -> u32 {
+        self.ring.len() as u32
+    }
+
+    fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataPlaneError> {
+        self.check()?;
+        self.vips.insert(key.into(), *meta);
+        self.ops.push(Op::SetVip(*key, *meta));
+        Ok(())
+    }
+
+    fn del_vip(&mut self, key: &VipKey) -> Result<(), DataPlaneError> {
+        self.check()?;
+        self.vips.remove(&key.into());
+        self.ops.push(Op::DelVip(*key));
+        Ok(())
+    }
+
+    fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>, DataPlaneError> {
+        Ok(self.vips.iter().map(|(k, v)| ((*k).into(), *v)).collect())
+    }
+
+    fn set_vip_addr(&mut self, key: &VipKey, vips_on_it: u32) -> Result<(), DataPlaneError> {
+        self.check()?;
+        self.vip_addrs.insert(key.into(), vips_on_it);
+        self.ops.push(Op::SetVipAddr(*key, vips_on_it));
+        Ok(())
+    }
+
+    fn del_vip_addr(&mut self, key: &VipKey) -> Result<(), DataPlaneError> {
+        self.check()?;
+        self.vip_addrs.remove(&key.into());
+        self.ops.push(Op::DelVipAddr(*key));
+        Ok(())
+    }
+
+    fn vip_addrs(&self) -> Result<Vec<VipKey>, DataPlaneError> {
+        Ok(self.vip_addrs.keys().map(|k| (*k).into()).collect())
+    }
+
+    fn set_backend(&mut self, slot: u32, backend: &BackendSlot) -> Result<(), DataPlaneError> {
+        self.check()?;
+        self.backends[slot as usize] = *backend;
+        self.ops.push(Op::SetBackend(slot, *backend));
+        Ok(())
+    }
+
+    fn backends(&self) -> Result<Vec<BackendSlot>, DataPlaneError> {
+        Ok(self.backends.clone())
+    }
+
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<(), DataPlaneError> {
+        self.check()?;
+        self.tx_ports.insert(ifindex);
+        self.ops.push(Op::TxPort(ifindex));
+        Ok(())
+    }
+}

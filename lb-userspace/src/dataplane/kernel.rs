@@ -1,0 +1,415 @@
+//! The real data plane: loads `lb_xdp`, pins its maps and links under a bpffs folder, and adopts
+//! what an earlier lbd pinned there. Adoption is what keeps established connections alive across
+//! restarts and upgrades: the maps (flow table included) are reopened from their pins, and the
+//! freshly loaded program replaces the old one inside the pinned link (`BPF_LINK_UPDATE`), so the
+//! interface is never without a program.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMapHash, HashMap, Map, MapData},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use lb_common::{BackendSlot, GlobalConfig, VipKey, VipMeta, maps};
+
+use super::{DataPlane, DataPlaneError};
+
+/// How the program is attached to an interface (`--xdp-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AttachMode {
+    /// In the driver (fastest; on veth the peer needs an XDP program for `XDP_TX` and redirects).
+    Native,
+    /// In the generic network stack (works everywhere, slower).
+    Generic,
+    /// Let the kernel pick: native where the driver supports it.
+    #[default]
+    Auto,
+}
+
+impl AttachMode {
+    pub(super) fn xdp_mode(self) -> XdpMode {
+        match self {
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Generic => XdpMode::Skb,
+            AttachMode::Auto => XdpMode::Default,
+        }
+    }
+}
+
+impl FromStr for AttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!(
+                "xdp mode {other:?}: expected native, generic or auto"
+            )),
+        }
+    }
+}
+
+/// Sizes and places chosen at load time.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// bpffs folder for pins: `<pin_dir>/maps/<MAP>` and `<pin_dir>/links/<iface>`.
+    pub pin_dir: PathBuf,
+    pub flow_table_size: u32,
+    pub ring_pool_size: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from("/sys/fs/bpf/lb"),
+            flow_table_size: maps::DEFAULT_FLOWS,
+            ring_pool_size: maps::DEFAULT_RING_POOL,
+        }
+    }
+}
+
+/// Whether `attach` found a pinned link and swapped the program inside it, or made a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    Adopted,
+    New,
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The maps lbd writes, opened (or created) from their pins.
+pub struct KernelDataPlane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    vips: HashMap<MapData, VipKey, VipMeta>,
+    vip_addrs: HashMap<MapData, VipKey, u32>,
+    rings: Array<MapData, u32>,
+    ring_pool_size: u32,
+    backends: Array<MapData, BackendSlot>,
+    config: Array<MapData, GlobalConfig>,
+    tx_ports: DevMapHash<MapData>,
+    flows_size: u32,
+}
+
+/// Every map of the balancer object, all pinned.
+const PINNED_MAPS: [&str; 10] = [
+    maps::VIPS,
+    maps::VIP_ADDRS,
+    maps::RINGS,
+    maps::BACKENDS,
+    maps::FLOWS,
+    maps::VIP_STATS,
+    maps::BACKEND_STATS,
+    maps::GLOBAL_STATS,
+    maps::CONFIG,
+    maps::TX_PORTS,
+];
+
+impl KernelDataPlane {
+    /// Loads `lb_xdp`, reopening every map already pinned under `pin_dir` and creating and
+    /// pinning the rest. Nothing is attached yet.
+    pub fn load(opts: &LoadOptions) -> Result<Self, DataPlaneError> {
+        ensure_bpffs(&opts.pin_dir)?;
+        let map_dir = opts.pin_dir.join("maps");
+        fs::create_dir_all(&map_dir).map_err(|source| DataPlaneError::Pin {
+            path: map_dir.clone(),
+            source,
+        })?;
+
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(maps::FLOWS, opts.flow_table_size)
+            .map_max_entries(maps::RINGS, opts.ring_pool_size);
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, map_dir.join(name));
+        }
+        let mut ebpf = loader
+            .load(crate::lb_object())
+            .map_err(|e| DataPlaneError::Load(Box::new(e)))?;
+
+        let program: &mut Xdp = program_mut(&mut ebpf)?;
+        program
+            .load()
+            .map_err(|e| program_error(maps::PROG_LB, e))?;
+
+        // A pinned map keeps the size it was created with; the allocator must use that one.
+        let ring_pool_size = max_entries(&ebpf, maps::RINGS)?;
+        let flows_size = max_entries(&ebpf, maps::FLOWS)?;
+        Ok(Self {
+            vips: take_typed(&mut ebpf, maps::VIPS)?,
+            vip_addrs: take_typed(&mut ebpf, maps::VIP_ADDRS)?,
+            rings: take_typed(&mut ebpf, maps::RINGS)?,
+            ring_pool_size,
+            backends: take_typed(&mut ebpf, maps::BACKENDS)?,
+            config: take_typed(&mut ebpf, maps::CONFIG)?,
+            tx_ports: take_typed(&mut ebpf, maps::TX_PORTS)?,
+            flows_size,
+            pin_dir: opts.pin_dir.clone(),
+            ebpf,
+        })
+    }
+
+    /// Attaches the program to `iface`: adopts the link pinned for it (replacing its program
+    /// atomically, so packets never meet an interface without one), or attaches in `mode` and
+    /// pins the new link.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached, DataPlaneError> {
+        let link_dir = self.pin_dir.join("links");
+        fs::create_dir_all(&link_dir).map_err(|source| DataPlaneError::Pin {
+            path: link_dir.clone(),
+            source,
+        })?;
+        let link_pin = link_dir.join(iface);
+        let program: &mut Xdp = program_mut(&mut self.ebpf)?;
+
+        if link_pin.exists() {
+            match adopt_link(program, &link_pin) {
+                Ok(()) => return Ok(Attached::Adopted),
+                // The interface the link belonged to is gone (or the pin is not a link): the pin
+                // is stale, so replace it with a fresh attachment below.
+                Err(reason) => {
+                    tracing::warn!(iface, %reason, pin = %link_pin.display(), "stale link pin, attaching anew");
+                    fs::remove_file(&link_pin).map_err(|source| DataPlaneError::Pin {
+                        path: link_pin.clone(),
+                        source,
+                    })?;
+                }
+            }
+        }
+
+        let link_id =
+            program
+                .attach(iface, mode.xdp_mode())
+                .map_err(|e| DataPlaneError::Interface {
+                    iface: iface.to_owned(),
+                    reason: format!("attaching lb_xdp ({mode:?} mode): {e}"),
+                })?;
+        let link = program
+            .take_link(link_id)
+            .map_err(|e| program_error(maps::PROG_LB, e))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| DataPlaneError::Interface {
+            iface: iface.to_owned(),
+            reason: format!(
+                "the kernel attached through netlink, not a bpf_link, so it cannot be pinned: {e}"
+            ),
+        })?;
+        fd_link.pin(&link_pin).map_err(|e| DataPlaneError::Pin {
+            path: link_pin.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        Ok(Attached::New)
+    }
+
+    /// Entries in the flow table (the size it was created with).
+    pub fn flow_table_size(&self) -> u32 {
+        self.flows_size
+    }
+
+    /// The folder holding the pins.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+fn adopt_link(program: &mut Xdp, pin: &Path) -> Result<(), String> {
+    let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+    let id = program.attach_to_link(link).map_err(|e| e.to_string())?;
+    // The pin keeps the link alive; forget our handle so dropping the program does not matter.
+    let link = program.take_link(id).map_err(|e| e.to_string())?;
+    drop(link);
+    Ok(())
+}
+
+fn ensure_bpffs(dir: &Path) -> Result<(), DataPlaneError> {
+    // The pin folder must live on a bpffs; check the nearest existing ancestor.
+    let mut probe = dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).map_err(|_| {
+        DataPlaneError::Pin {
+            path: dir.to_path_buf(),
+            source: io::Error::other("path contains a NUL byte"),
+        }
+    })?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path and st a properly sized out-parameter.
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
+        return Err(DataPlaneError::Pin {
+            path: probe,
+            source: io::Error::last_os_error(),
+        });
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(DataPlaneError::Pin {
+            path: dir.to_path_buf(),
+            source: io::Error::other(format!(
+                "{} is not on a bpffs (mount one: mount -t bpf bpf /sys/fs/bpf)",
+                probe.display()
+            )),
+        });
+    }
+    Ok(())
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataPlaneError> {
+    let program = ebpf
+        .program_mut(maps::PROG_LB)
+        .ok_or(DataPlaneError::MissingMap {
+            name: maps::PROG_LB,
+        })?;
+    program
+        .try_into()
+        .map_err(|e| program_error(maps::PROG_LB, e))
+}
+
+fn program_error(name: &'static str, e: aya::programs::ProgramError) -> DataPlaneError {
+    DataPlaneError::Program {
+        name,
+        source: Box::new(e),
+    }
+}
+
+fn take_typed<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataPlaneError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataPlaneError::MissingMap { name })?;
+    T::try_from(map).map_err(|e| DataPlaneError::map(name, e))
+}
+
+fn map_data(map: &Map) -> Option<&MapData> {
+    match map {
+        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) => Some(d),
+        _ => None,
+    }
+}
+
+/// The size the kernel gave the map (a reused pin keeps the size it was created with).
+fn max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32, DataPlaneError> {
+    let map = ebpf.map(name).ok_or(DataPlaneError::MissingMap { name })?;
+    let data = map_data(map).ok_or(DataPlaneError::MissingMap { name })?;
+    let info = data.info().map_err(|e| DataPlaneError::map(name, e))?;
+    Ok(info.max_entries())
+}
+
+impl DataPlane for KernelDataPlane {
+    fn set_config(&mut self, config: &GlobalConfig) -> Result<(), DataPlaneError> {
+        self.config
+            .set(0, config, 0)
+            .map_err(|e| DataPlaneError::map(maps::CONFIG, e))
+    }
+
+    fn write_ring(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataPlaneError> {
+        let end = u64::from(offset) + entries.len() as u64;
+        if end > u64::from(self.ring_pool_size) {
+            return Err(DataPlaneError::RingOutOfBounds {
+                offset,
+                end,
+                pool: self.ring_pool_size,
+            });
+        }
+        for (i, entry) in entries.iter().enumerate() {
+            self.rings
+                .set(offset + i as u32, entry, 0)
+                .map_err(|e| DataPlaneError::map(maps::RINGS, e))?;
+        }
+        Ok(())
+    }
+
+    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>, DataPlaneError> {
+        let end = u64::from(offset) + u64::from(len);
+        if end > u64::from(self.ring_pool_size) {
+            return Err(DataPlaneError::RingOutOfBounds {
+                offset,
+                end,
+                pool: self.ring_pool_size,
+            });
+        }
+        (offset..offset + len)
+            .map(|i| {
+                self.rings
+                    .get(&i, 0)
+                    .map_err(|e| DataPlaneError::map(maps::RINGS, e))
+            })
+            .collect()
+    }
+
+    fn ring_pool_size(&self) -> u32 {
+        self.ring_pool_size
+    }
+
+    fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataPlaneError> {
+        self.vips
+            .insert(key, meta, 0)
+            .map_err(|e| DataPlaneError::map(maps::VIPS, e))
+    }
+
+    fn del_vip(&mut self, key: &VipKey) -> Result<(), DataPlaneError> {
+        self.vips
+            .remove(key)
+            .map_err(|e| DataPlaneError::map(maps::VIPS, e))
+    }
+
+    fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>, DataPlaneError> {
+        self.vips
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| DataPlaneError::map(maps::VIPS, e))
+    }
+
+    fn set_vip_addr(&mut self, key: &VipKey, vips_on_it: u32) -> Result<(), DataPlaneError> {
+        self.vip_addrs
+            .insert(key, vips_on_it, 0)
+            .map_err(|e| DataPlaneError::map(maps::VIP_ADDRS, e))
+    }
+
+    fn del_vip_addr(&mut self, key: &VipKey) -> Result<(), DataPlaneError> {
+        self.vip_addrs
+            .remove(key)
+            .map_err(|e| DataPlaneError::map(maps::VIP_ADDRS, e))
+    }
+
+    fn vip_addrs(&self) -> Result<Vec<VipKey>, DataPlaneError> {
+        self.vip_addrs
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| DataPlaneError::map(maps::VIP_ADDRS, e))
+    }
+
+    fn set_backend(&mut self, slot: u32, backend: &BackendSlot) -> Result<(), DataPlaneError> {
+        self.backends
+            .set(slot, backend, 0)
+            .map_err(|e| DataPlaneError::map(maps::BACKENDS, e))
+    }
+
+    fn backends(&self) -> Result<Vec<BackendSlot>, DataPlaneError> {
+        self.backends
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| DataPlaneError::map(maps::BACKENDS, e))
+    }
+
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<(), DataPlaneError> {
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| DataPlaneError::Interface {
+                iface: format!("ifindex {ifindex}"),
+                reason: format!("adding to {}: {e}", maps::TX_PORTS),
+            })
+    }
+}

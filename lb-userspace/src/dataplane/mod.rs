@@ -1,0 +1,74 @@
+//! The only module that touches BPF: loading and attaching the programs, pinning, and reading and
+//! writing the maps. Everything else goes through the small [`DataPlane`] trait, so the control
+//! logic (reconcile) is unit-tested against [`fake::FakeDataPlane`] without a kernel.
+
+pub mod decap;
+pub mod fake;
+pub mod kernel;
+
+use std::{io, path::PathBuf};
+
+use lb_common::{BackendSlot, GlobalConfig, VipKey, VipMeta};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("interface {iface}: {reason}")]
+    Interface { iface: String, reason: String },
+    #[error("pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("ring write out of bounds: entries {offset}..{end} but the pool has {pool}")]
+    RingOutOfBounds { offset: u32, end: u64, pool: u32 },
+}
+
+impl DataPlaneError {
+    pub(crate) fn map(name: &'static str, source: aya::maps::MapError) -> Self {
+        Self::Map {
+            name,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// What the control logic may do to the balancer's maps. Each method is one map operation, so
+/// the order in which reconcile calls them is the order the data plane sees the changes.
+pub trait DataPlane {
+    fn set_config(&mut self, config: &GlobalConfig) -> Result<(), DataPlaneError>;
+    /// Writes `entries` into the ring pool starting at `offset`.
+    fn write_ring(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataPlaneError>;
+    /// Reads `len` ring pool entries starting at `offset`.
+    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>, DataPlaneError>;
+    fn ring_pool_size(&self) -> u32;
+    /// Inserts or replaces a VIP (replacing is the atomic table swap).
+    fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataPlaneError>;
+    fn del_vip(&mut self, key: &VipKey) -> Result<(), DataPlaneError>;
+    fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>, DataPlaneError>;
+    /// Marks an address as carrying VIPs (so malformed packets to it are dropped, not passed).
+    fn set_vip_addr(&mut self, key: &VipKey, vips_on_it: u32) -> Result<(), DataPlaneError>;
+    fn del_vip_addr(&mut self, key: &VipKey) -> Result<(), DataPlaneError>;
+    fn vip_addrs(&self) -> Result<Vec<VipKey>, DataPlaneError>;
+    fn set_backend(&mut self, slot: u32, backend: &BackendSlot) -> Result<(), DataPlaneError>;
+    /// Every slot, free ones included (their generations must survive restarts).
+    fn backends(&self) -> Result<Vec<BackendSlot>, DataPlaneError>;
+    /// Makes an interface a redirect target (devmap) for backends behind it.
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<(), DataPlaneError>;
+}

@@ -1,0 +1,504 @@
+//! The load balancer's test networks: a client, gateway hosts and backends, each in its own
+//! namespace, joined by bridges in a switch namespace.
+//!
+//! ```text
+//! one-arm  client 10.10.0.1 ─┐                      ┌─ backend1 10.10.0.11 (VIP on lo)
+//!          gw0 eth0 10.10.0.2 ┴── bridge "front" ───┼─ backend2 10.10.0.12
+//!                                                    └─ ...
+//! two-arm  client 10.10.0.1 ── "front" ── eth0 10.10.0.2 gw0 eth1 10.20.0.2 ── "back" ── backends 10.20.0.11..
+//! ```
+//! IPv6 mirrors it: `fd00:10::/64` (front), `fd00:20::/64` (back), VIP `fd00:200::100`.
+//! The client routes the VIP to the gateway(s) (ECMP with an L4 hash when there are several);
+//! backends hold the VIP on `lo` and answer the client directly (DSR): in one-arm on the shared
+//! subnet, in two-arm through the first gateway's kernel forwarding.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use anyhow::{Result, bail};
+
+use super::Netns;
+
+/// The VIP every topology routes to the gateways and puts on the backends' `lo`.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x100);
+pub const CLIENT_MTU: u32 = 1500;
+/// Gateway and backend legs carry encapsulated full-size packets (1500 + outer headers), so
+/// they need more than 1500. Native XDP on veth refuses a peer MTU above about 3500 (one page
+/// minus headroom) unless the program handles fragments, so stay well below that.
+pub const LEG_MTU: u32 = 1600;
+const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the backends sit relative to the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arms {
+    /// Everything on one bridge; the gateway sends encapsulated packets out of the interface
+    /// they came in on (`XDP_TX`).
+    One,
+    /// Client on "front", backends on "back"; the gateway redirects from eth0 to eth1.
+    Two,
+}
+
+/// One end of a veth pair inside a host namespace.
+#[derive(Clone, Debug)]
+pub struct Iface {
+    /// Name inside the host (`eth0`, `eth1`): pass it to lbd's `--iface`.
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    /// The other end, a port of a bridge in [`Topology::switch`]. Native `XDP_TX` or redirect
+    /// out of `name` only delivers when this peer runs an XDP program (`XDP_PASS` is enough).
+    pub peer: String,
+    pub peer_mac: [u8; 6],
+}
+
+/// The client or a backend: one namespace, one interface.
+#[derive(Debug)]
+pub struct Host {
+    /// `client`, `backend1`, `backend2`, ...: a natural name for the host's servers.
+    pub name: String,
+    pub ns: Netns,
+    pub eth0: Iface,
+}
+
+impl Host {
+    pub fn ip(&self) -> Ipv4Addr {
+        self.eth0.ip
+    }
+}
+
+/// A gateway host, where lbd and the XDP balancer run.
+#[derive(Debug)]
+pub struct Gateway {
+    pub ns: Netns,
+    /// eth0, on the client's bridge.
+    pub front: Iface,
+    /// eth1 on the backends' bridge (two-arm only).
+    pub back: Option<Iface>,
+}
+
+impl Gateway {
+    /// The interfaces to attach the balancer to: eth0, and eth1 in two-arm.
+    pub fn ifaces(&self) -> Vec<&str> {
+        std::iter::once(&self.front)
+            .chain(&self.back)
+            .map(|i| i.name.as_str())
+            .collect()
+    }
+
+    /// This gateway's interfaces, each with its switch-side peer.
+    pub fn legs(&self) -> Vec<&Iface> {
+        std::iter::once(&self.front).chain(&self.back).collect()
+    }
+}
+
+/// A built network; dropping it deletes every namespace (hosts first, the switch last).
+#[derive(Debug)]
+pub struct Topology {
+    pub arms: Arms,
+    pub vip: Ipv4Addr,
+    pub vip6: Ipv6Addr,
+    pub client: Host,
+    pub gateways: Vec<Gateway>,
+    pub backends: Vec<Host>,
+    /// Holds the bridges `front` (and `back`) and the peers of every host interface.
+    pub switch: Netns,
+}
+
+impl Topology {
+    pub fn one_arm(label: &str) -> TopologyBuilder {
+        TopologyBuilder::new(label, Arms::One)
+    }
+
+    pub fn two_arm(label: &str) -> TopologyBuilder {
+        TopologyBuilder::new(label, Arms::Two)
+    }
+
+    /// The first (often only) gateway.
+    pub fn gw(&self) -> &Gateway {
+        &self.gateways[0]
+    }
+
+    /// Puts another VIP on every backend's `lo` and routes it from the client to the gateways.
+    pub fn add_vip(&self, vip: IpAddr) -> Result<()> {
+        let (host_len, fronts): (u8, Vec<IpAddr>) = match vip {
+            IpAddr::V4(_) => (
+                32,
+                self.gateways
+                    .iter()
+                    .map(|g| IpAddr::V4(g.front.ip))
+                    .collect(),
+            ),
+            IpAddr::V6(_) => (
+                128,
+                self.gateways
+                    .iter()
+                    .map(|g| IpAddr::V6(g.front.ip6))
+                    .collect(),
+            ),
+        };
+        for backend in &self.backends {
+            backend.ns.add_addr("lo", &format!("{vip}/{host_len}"))?;
+        }
+        self.client.ns.ip_batch(&[route_line(
+            &format!("{vip}/{host_len}"),
+            &fronts,
+            "eth0",
+            "replace",
+        )])
+    }
+}
+
+/// Knobs for a [`Topology`]; `build` creates it.
+#[derive(Clone, Debug)]
+pub struct TopologyBuilder {
+    label: String,
+    arms: Arms,
+    backends: usize,
+    gateways: usize,
+    client_mtu: u32,
+    leg_mtu: u32,
+}
+
+impl TopologyBuilder {
+    fn new(label: &str, arms: Arms) -> Self {
+        Self {
+            label: label.to_owned(),
+            arms,
+            backends: 3,
+            gateways: 1,
+            client_mtu: CLIENT_MTU,
+            leg_mtu: LEG_MTU,
+        }
+    }
+
+    /// Number of backends (default 3, at most 100).
+    #[must_use]
+    pub fn backends(mut self, n: usize) -> Self {
+        self.backends = n;
+        self
+    }
+
+    /// Number of gateway hosts (default 1, at most 8); with more than one the client spreads
+    /// flows over them by ECMP on the L4 hash.
+    #[must_use]
+    pub fn gateways(mut self, n: usize) -> Self {
+        self.gateways = n;
+        self
+    }
+
+    /// MTU of the client's link, both ends (default 1500).
+    #[must_use]
+    pub fn client_mtu(mut self, mtu: u32) -> Self {
+        self.client_mtu = mtu;
+        self
+    }
+
+    /// MTU of gateway and backend links, both ends (default [`LEG_MTU`]).
+    #[must_use]
+    pub fn leg_mtu(mut self, mtu: u32) -> Self {
+        self.leg_mtu = mtu;
+        self
+    }
+
+    pub fn build(self) -> Result<Topology> {
+        if self.gateways == 0 || self.gateways > 8 {
+            bail!("gateways: 1 to 8, not {}", self.gateways);
+        }
+        if self.backends > 100 {
+            bail!("backends: at most 100, not {}", self.backends);
+        }
+        let label = &self.label;
+        let two = self.arms == Arms::Two;
+
+        // On an early error the locals drop in reverse order (hosts, then the switch); once
+        // built, Topology's field order keeps the switch last.
+        let switch = Netns::new(&format!("{label}-sw"))?;
+        // Switch ports need no addresses; without IPv6 they send no router/neighbour chatter.
+        switch.sysctls(&[
+            ("net.ipv6.conf.all.disable_ipv6", "1"),
+            ("net.ipv6.conf.default.disable_ipv6", "1"),
+        ])?;
+        let mut sw_script = vec![
+            "link add front type bridge stp_state 0 mcast_snooping 0".to_owned(),
+            "link set front up".to_owned(),
+        ];
+        if two {
+            sw_script.push("link add back type bridge stp_state 0 mcast_snooping 0".to_owned());
+            sw_script.push("link set back up".to_owned());
+        }
+
+        let client_ns = host_ns(&format!("{label}-client"), &[])?;
+        let client = Host {
+            name: "client".to_owned(),
+            eth0: iface(
+                "eth0",
+                "c0",
+                [1, 1],
+                front_v4(1),
+                front_v6(1),
+                self.client_mtu,
+            ),
+            ns: client_ns,
+        };
+        sw_script.extend(veth_lines(&client.eth0, &client.ns, "front"));
+
+        let gateways = self.gateway_hosts(&mut sw_script)?;
+        let backends = self.backend_hosts(&mut sw_script)?;
+        switch.ip_batch(&sw_script)?;
+
+        let topology = Topology {
+            arms: self.arms,
+            vip: VIP,
+            vip6: VIP6,
+            client,
+            gateways,
+            backends,
+            switch,
+        };
+        topology.configure_hosts()?;
+        Ok(topology)
+    }
+}
+
+impl TopologyBuilder {
+    /// Gateway namespaces; their veth pairs go into the switch script.
+    fn gateway_hosts(&self, sw_script: &mut Vec<String>) -> Result<Vec<Gateway>> {
+        let two = self.arms == Arms::Two;
+        let forwarding: &[(&str, &str)] = if two {
+            &[
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv6.conf.all.forwarding", "1"),
+            ]
+        } else {
+            &[]
+        };
+        let mut gateways = Vec::with_capacity(self.gateways);
+        for g in 0..self.gateways {
+            let n = g as u8;
+            let ns = host_ns(&format!("{}-gw{g}", self.label), forwarding)?;
+            let front = iface(
+                "eth0",
+                &format!("g{g}f"),
+                [2, n + 1],
+                front_v4(2 + n),
+                front_v6(2 + n),
+                self.leg_mtu,
+            );
+            sw_script.extend(veth_lines(&front, &ns, "front"));
+            let back = two.then(|| {
+                iface(
+                    "eth1",
+                    &format!("g{g}b"),
+                    [3, n + 1],
+                    back_v4(2 + n),
+                    back_v6(2 + n),
+                    self.leg_mtu,
+                )
+            });
+            if let Some(back) = &back {
+                sw_script.extend(veth_lines(back, &ns, "back"));
+            }
+            gateways.push(Gateway { ns, front, back });
+        }
+        Ok(gateways)
+    }
+
+    /// Backend namespaces; their veth pairs go into the switch script.
+    fn backend_hosts(&self, sw_script: &mut Vec<String>) -> Result<Vec<Host>> {
+        let two = self.arms == Arms::Two;
+        let mut backends = Vec::with_capacity(self.backends);
+        for b in 0..self.backends {
+            let n = b as u8;
+            // LVS-DR practice: answer ARP only for addresses on the asking interface (not the
+            // VIP on lo) and source ARP from the interface's own address.
+            let ns = host_ns(
+                &format!("{}-be{}", self.label, b + 1),
+                &[
+                    ("net.ipv4.conf.all.arp_ignore", "1"),
+                    ("net.ipv4.conf.all.arp_announce", "2"),
+                ],
+            )?;
+            let (ip, ip6, bridge) = if two {
+                (back_v4(11 + n), back_v6(11 + n), "back")
+            } else {
+                (front_v4(11 + n), front_v6(11 + n), "front")
+            };
+            let eth0 = iface(
+                "eth0",
+                &format!("b{}", b + 1),
+                [4, n + 1],
+                ip,
+                ip6,
+                self.leg_mtu,
+            );
+            sw_script.extend(veth_lines(&eth0, &ns, bridge));
+            backends.push(Host {
+                name: format!("backend{}", b + 1),
+                ns,
+                eth0,
+            });
+        }
+        Ok(backends)
+    }
+}
+
+impl Topology {
+    /// Addresses and routes on every host, then waits for carrier everywhere.
+    fn configure_hosts(&self) -> Result<()> {
+        let two = self.arms == Arms::Two;
+        let fronts4: Vec<IpAddr> = self.gateways.iter().map(|g| g.front.ip.into()).collect();
+        let fronts6: Vec<IpAddr> = self.gateways.iter().map(|g| g.front.ip6.into()).collect();
+
+        let mut client = iface_lines(&self.client.eth0);
+        client.push(route_line(
+            &format!("{}/32", self.vip),
+            &fronts4,
+            "eth0",
+            "add",
+        ));
+        client.push(route_line(
+            &format!("{}/128", self.vip6),
+            &fronts6,
+            "eth0",
+            "add",
+        ));
+        if two {
+            client.push(route_line("10.20.0.0/24", &fronts4[..1], "eth0", "add"));
+            client.push(route_line("fd00:20::/64", &fronts6[..1], "eth0", "add"));
+        }
+        if self.gateways.len() > 1 {
+            self.client.ns.sysctls(&[
+                ("net.ipv4.fib_multipath_hash_policy", "1"),
+                ("net.ipv6.fib_multipath_hash_policy", "1"),
+            ])?;
+        }
+        self.client.ns.ip_batch(&client)?;
+        self.client.ns.tx_checksum_off("eth0")?;
+
+        for gw in &self.gateways {
+            let script: Vec<String> = gw.legs().into_iter().flat_map(iface_lines).collect();
+            gw.ns.ip_batch(&script)?;
+        }
+
+        // Replies leave through the first gateway: in one-arm only off-subnet traffic does,
+        // in two-arm everything toward the client.
+        let gw = &self.gateways[0];
+        let (via4, via6) = match &gw.back {
+            Some(back) => (back.ip, back.ip6),
+            None => (gw.front.ip, gw.front.ip6),
+        };
+        for backend in &self.backends {
+            let mut script = iface_lines(&backend.eth0);
+            script.push(format!("addr add {}/32 dev lo", self.vip));
+            script.push(format!("addr add {}/128 dev lo nodad", self.vip6));
+            script.push(format!("route add default via {via4} dev eth0"));
+            script.push(format!("route add ::/0 via {via6} dev eth0"));
+            backend.ns.ip_batch(&script)?;
+        }
+
+        self.client.ns.wait_links_up(&["eth0"], LINK_TIMEOUT)?;
+        for gw in &self.gateways {
+            gw.ns.wait_links_up(&gw.ifaces(), LINK_TIMEOUT)?;
+        }
+        for backend in &self.backends {
+            backend.ns.wait_links_up(&["eth0"], LINK_TIMEOUT)?;
+        }
+        Ok(())
+    }
+}
+
+/// A host namespace with the settings every host shares plus `extra`.
+fn host_ns(label: &str, extra: &[(&str, &str)]) -> Result<Netns> {
+    let ns = Netns::new(label)?;
+    let mut settings = vec![
+        // XDP-forwarded and DSR traffic arrives on paths the reverse-path filter rejects.
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
+        // No duplicate address detection or autoconfiguration: addresses work at once.
+        ("net.ipv6.conf.all.accept_dad", "0"),
+        ("net.ipv6.conf.default.accept_dad", "0"),
+        ("net.ipv6.conf.default.accept_ra", "0"),
+        ("net.ipv6.conf.default.autoconf", "0"),
+    ];
+    settings.extend_from_slice(extra);
+    ns.sysctls(&settings)?;
+    Ok(ns)
+}
+
+fn iface(name: &str, peer: &str, id: [u8; 2], ip: Ipv4Addr, ip6: Ipv6Addr, mtu: u32) -> Iface {
+    Iface {
+        name: name.to_owned(),
+        ip,
+        ip6,
+        mac: [0x02, 0, 0, 0, id[0], id[1]],
+        mtu,
+        peer: peer.to_owned(),
+        peer_mac: [0x02, 0, 0, 1, id[0], id[1]],
+    }
+}
+
+fn front_v4(host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 10, 0, host)
+}
+
+fn back_v4(host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 20, 0, host)
+}
+
+fn front_v6(host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, host.into())
+}
+
+fn back_v6(host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, host.into())
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Switch-side script: the veth pair (host end moved into `host`) and the port on `bridge`.
+fn veth_lines(iface: &Iface, host: &Netns, bridge: &str) -> [String; 2] {
+    [
+        format!(
+            "link add {peer} address {pmac} mtu {mtu} type veth peer name {name} address {mac} mtu {mtu} netns {ns}",
+            peer = iface.peer,
+            pmac = format_mac(iface.peer_mac),
+            name = iface.name,
+            mac = format_mac(iface.mac),
+            mtu = iface.mtu,
+            ns = host.name(),
+        ),
+        format!("link set {} master {bridge} up", iface.peer),
+    ]
+}
+
+/// Host-side script: the interface up with its addresses.
+fn iface_lines(iface: &Iface) -> Vec<String> {
+    vec![
+        format!("link set {} up", iface.name),
+        format!("addr add {}/24 dev {}", iface.ip, iface.name),
+        format!("addr add {}/64 dev {} nodad", iface.ip6, iface.name),
+    ]
+}
+
+/// `route <verb> <dst>` via one gateway, or ECMP over several.
+fn route_line(dst: &str, vias: &[IpAddr], dev: &str, verb: &str) -> String {
+    if let [via] = vias {
+        return format!("route {verb} {dst} via {via} dev {dev}");
+    }
+    let mut line = format!("route {verb} {dst}");
+    for via in vias {
+        write!(line, " nexthop via {via} dev {dev}").expect("writing to a String");
+    }
+    line
+}
