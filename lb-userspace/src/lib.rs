@@ -11,10 +11,10 @@ pub mod ring_pool;
 
 /// The gateway's eBPF object: program `lb_xdp` and every `LB_*` map except `LB_DECAP_VIPS`.
 pub fn lb_object() -> &'static [u8] {
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp.o"))
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf-balancer.o"))
 }
 
 /// The backend's eBPF object: programs `lb_decap` and `xdp_pass`, map `LB_DECAP_VIPS`.
 pub fn decap_object() -> &'static [u8] {
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap.o"))
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf-decap.o"))
 }

@@ -1,12 +1,12 @@
 //! The load balancer inside a test topology: lbd started on a gateway with a generated config,
-//! lb_decap on every backend, and `xdp_pass` on the veth peers native XDP needs. Everything is
+//! `lb_decap` on every backend, and `xdp_pass` on the veth peers native XDP needs. Everything is
 //! undone on drop: processes stopped, programs detached, pins removed.
 
 use std::{
     fmt::Write as _,
     fs,
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -19,14 +19,15 @@ use lb_userspace::dataplane::{
 
 use crate::netns::{Netns, topology::Topology};
 
-/// A built binary of the workspace (tests run from target/<profile>/deps/).
+/// A built binary of the workspace, next to the running executable (target/<profile>/, or its
+/// parent when this is a test in target/<profile>/deps/).
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("current_exe")?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no target/<profile> folder")?;
-    let bin = profile_dir.join(name);
+    let mut dir = exe.parent().context("executable has no folder")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps has no parent")?;
+    }
+    let bin = dir.join(name);
     if !bin.exists() {
         bail!(
             "{} is missing: build it first (`cargo build -p lb-userspace` or `cargo xtask test`)",
@@ -169,7 +170,7 @@ fn mode_name(mode: AttachMode) -> &'static str {
     }
 }
 
-/// Backend-side programs for a topology: lb_decap on every backend and, in native mode,
+/// Backend-side programs for a topology: `lb_decap` on every backend and, in native mode,
 /// `xdp_pass` on the switch-side peers the gateways transmit or redirect into.
 pub struct DataPath {
     _handles: Vec<DecapHandle>,

@@ -1,5 +1,5 @@
 //! End to end through the real XDP program: a client, a gateway running lbd, three backends
-//! decapsulating with lb_decap, real TCP connections to the VIP. One-arm (XDP_TX back out of the
+//! decapsulating with `lb_decap`, real TCP connections to the VIP. One-arm (`XDP_TX` back out of the
 //! ingress interface) and two-arm (devmap redirect to the backends' interface), each in native
 //! and in generic XDP mode.
 

@@ -294,11 +294,19 @@ fn netns_drop_stops_spawned_and_stray_processes_and_deletes_links() {
         .args(["--", "sleep", "300"])
         .spawn()
         .expect("spawn stray");
-    assert!(
-        a.pids()
-            .unwrap_or_else(|e| panic!("{e:#}"))
-            .contains(&stray.id())
-    );
+    // nsenter enters the namespace just after it starts: give it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !a
+        .pids()
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .contains(&stray.id())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stray process never entered the namespace"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     let stopped = a.spawn({
         let mut cmd = a.command("sleep");

@@ -148,13 +148,13 @@ struct Lb {
 }
 
 impl Lb {
-    /// Loads lb-xdp with empty maps and the outer-source config.
+    /// Loads the bpf-balancer object with empty maps and the outer-source config.
     fn empty() -> Self {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::FLOWS, TEST_FLOWS)
             .map_max_entries(maps::RINGS, TEST_RING_POOL)
             .load(lb_userspace::lb_object())
-            .unwrap_or_else(|e| panic!("loading the lb-xdp object: {e}"));
+            .unwrap_or_else(|e| panic!("loading the bpf-balancer object: {e}"));
         let prog: &mut Xdp = ebpf
             .program_mut(maps::PROG_LB)
             .expect("lb_xdp in the object")

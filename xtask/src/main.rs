@@ -23,7 +23,7 @@ enum Cmd {
     /// Install what building and testing need (apt packages, nightly + rust-src, bpf-linker,
     /// bpffs). Safe to run again: it only does what is missing.
     Setup(setup::SetupArgs),
-    /// Set up, then build lbd and lbctl (which embed the eBPF object).
+    /// Set up, then build lbd and lb-decap (which embed the eBPF objects).
     Build {
         #[arg(long)]
         release: bool,

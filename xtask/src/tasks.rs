@@ -110,8 +110,8 @@ pub fn demo(release: bool, args: &[String]) -> Result<()> {
         .args(release_flag(release)))?;
     let bin_dir = profile_dir(release);
     let mut cmd = std::process::Command::new(bin_dir.join("lb-demo"));
-    // The demo finds lbd and lbctl here.
-    cmd.args(args).env("LB_BIN_DIR", &bin_dir);
+    // The demo finds lbd next to itself.
+    cmd.args(args);
     let err = cmd.exec();
     Err(err).with_context(|| format!("cannot exec `{}`", describe(&cmd)))
 }
