@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     setup::{SetupArgs, setup},
-    util::{cargo, describe, run, target_dir},
+    util::{Tally, cargo, describe, run, run_tests, target_dir},
 };
 
 /// The crate holding the namespace tests, which are run on their own with few threads.
@@ -52,16 +52,22 @@ pub struct TestArgs {
 
 pub fn test(args: &TestArgs) -> Result<()> {
     let started = Instant::now();
-    let result = test_steps(args);
+    let mut tally = Tally::default();
+    let result = test_steps(args, &mut tally);
     let elapsed = started.elapsed().as_secs_f64();
     match &result {
         Ok(()) => println!("xtask test: all tests passed in {elapsed:.1} s"),
         Err(_) => println!("xtask test: FAILED after {elapsed:.1} s"),
     }
+    // One closing line with the totals of every test binary, for people and CI alike.
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.ignored
+    );
     result
 }
 
-fn test_steps(args: &TestArgs) -> Result<()> {
+fn test_steps(args: &TestArgs, tally: &mut Tally) -> Result<()> {
     setup(&SetupArgs::default())?;
     run(cargo().args([
         "build",
@@ -71,21 +77,27 @@ fn test_steps(args: &TestArgs) -> Result<()> {
         "--all-targets",
     ]))?;
     // Both runs happen even when the first fails, so one report shows every failure.
-    let unit = run(cargo()
-        .args([
-            "test",
-            "--workspace",
-            "--exclude",
-            NETNS_TEST_CRATE,
-            "--exclude",
-            EBPF_CRATE,
-        ])
-        .arg("--")
-        .args(&args.args));
-    let netns = run(cargo()
-        .args(["test", "-p", NETNS_TEST_CRATE, "--"])
-        .arg(format!("--test-threads={}", args.netns_threads))
-        .args(&args.args));
+    let unit = run_tests(
+        cargo()
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                NETNS_TEST_CRATE,
+                "--exclude",
+                EBPF_CRATE,
+            ])
+            .arg("--")
+            .args(&args.args),
+        tally,
+    );
+    let netns = run_tests(
+        cargo()
+            .args(["test", "-p", NETNS_TEST_CRATE, "--"])
+            .arg(format!("--test-threads={}", args.netns_threads))
+            .args(&args.args),
+        tally,
+    );
     match (unit, netns) {
         (Ok(()), Ok(())) => Ok(()),
         (Err(unit), Ok(())) => Err(unit),
