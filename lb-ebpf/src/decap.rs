@@ -36,6 +36,9 @@ pub fn strip_ipip(ctx: &XdpContext) -> Decap {
     if u16::from_be(eth.ether_type) != ETH_P_IP
         || outer.vihl != 0x45
         || outer.proto != IPPROTO_IPIP
+        // A fragment of the outer packet carries only part of the inner one: leave it to the
+        // stack to reassemble rather than strip a header off a piece.
+        || u16::from_be_bytes(outer.frags) & 0x3fff != 0
         || inner.vihl >> 4 != 4
     {
         return Decap::Untouched;

@@ -18,3 +18,12 @@ pub mod maps;
 pub mod parse;
 #[cfg(feature = "balancer")]
 pub mod stats;
+
+/// One panic handler for both objects (each bin links this lib).
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects the loop, so any panic path left
+    // in the code fails the load instead of hanging.
+    loop {}
+}

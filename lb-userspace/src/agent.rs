@@ -135,7 +135,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 
     let resolver = Resolver::new()?;
     let mut changes = watch_changes().await?;
-    let mut egress = BTreeMap::new();
+    // Start from the next hops the adopted slots hold, so a neighbour entry that is briefly
+    // unusable at restart does not take a backend (and its flows) down.
+    let mut egress = reconciler.installed_egress();
     let mut failing = BTreeMap::new();
     resolve_all(&resolver, &config.state, &mut egress, &mut failing).await;
     reconciler.apply(&mut dp, &plans(&config.state, &egress))?;

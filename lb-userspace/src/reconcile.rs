@@ -87,6 +87,74 @@ struct InstalledVip {
     backends: BTreeMap<IpAddr, InstalledBackend>,
 }
 
+/// Everything apply writes for one VIP, decided before the first write.
+struct PreparedVip<'p> {
+    plan: &'p VipPlan,
+    vip_id: u32,
+    /// (address, slot, value) of every wanted backend.
+    slots: Vec<(IpAddr, u32, BackendSlot)>,
+    table: Vec<u32>,
+    /// Needs a new table region: a new VIP, or a changed table, hash or size.
+    swap: bool,
+}
+
+/// The slot value a backend plan asks for.
+fn slot_value(b: &BackendPlan, vip_id: u32, generation: u32) -> BackendSlot {
+    let state = match (b.egress, b.weight) {
+        (None, _) => SLOT_DOWN,
+        (Some(_), 0) => SLOT_DRAINING,
+        (Some(_), _) => SLOT_ACTIVE,
+    };
+    let (addr, family) = wire_addr(b.addr);
+    let egress = b.egress.unwrap_or(Egress {
+        ifindex: 0,
+        src_mac: [0; 6],
+        dst_mac: [0; 6],
+    });
+    BackendSlot {
+        addr,
+        family,
+        state,
+        encap: ENCAP_IPIP,
+        generation,
+        vip_id,
+        ifindex: egress.ifindex,
+        dst_mac: egress.dst_mac,
+        src_mac: egress.src_mac,
+        ..BackendSlot::default()
+    }
+}
+
+/// The Maglev table of slot indices, over the backends that take new flows.
+fn build_table(plan: &VipPlan, slots: &[(IpAddr, u32, BackendSlot)]) -> Vec<u32> {
+    let takers: Vec<(maglev::Weighted, u32)> = plan
+        .backends
+        .iter()
+        .zip(slots)
+        .filter(|(_, (_, _, value))| value.state == SLOT_ACTIVE)
+        .map(|(b, (_, slot, _))| {
+            (
+                maglev::Weighted {
+                    addr: b.addr,
+                    weight: b.weight,
+                },
+                *slot,
+            )
+        })
+        .collect();
+    let weighted: Vec<maglev::Weighted> = takers.iter().map(|(w, _)| *w).collect();
+    maglev::build_table(&weighted, plan.ring_size)
+        .into_iter()
+        .map(|i| {
+            if i == RING_EMPTY {
+                RING_EMPTY
+            } else {
+                takers[i as usize].1
+            }
+        })
+        .collect()
+}
+
 /// What reconcile believes is in the maps. Rebuilt from the maps themselves when lbd adopts a
 /// running data plane, so nothing needs to be saved for it.
 #[derive(Clone, Debug)]
@@ -172,8 +240,28 @@ impl Reconciler {
             .unwrap_or_default()
     }
 
-    /// Applies `plans` (the complete wanted set of VIPs). Capacity is checked before anything
-    /// is written, so an error from that check leaves the data plane untouched.
+    /// Next hops of the installed backends, so a restarted agent keeps using them for a backend
+    /// whose neighbour entry is briefly unusable instead of marking it down.
+    pub fn installed_egress(&self) -> BTreeMap<IpAddr, Egress> {
+        self.vips
+            .values()
+            .flat_map(|v| v.backends.iter())
+            .filter(|(_, b)| b.value.keeps_flows() && b.value.ifindex != 0)
+            .map(|(addr, b)| {
+                (
+                    *addr,
+                    Egress {
+                        ifindex: b.value.ifindex,
+                        src_mac: b.value.src_mac,
+                        dst_mac: b.value.dst_mac,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Applies `plans` (the complete wanted set of VIPs). Everything that can fail for lack of
+    /// room is decided before the first write, so such an error leaves the data plane untouched.
     pub fn apply(
         &mut self,
         dp: &mut impl DataPlane,
@@ -181,20 +269,22 @@ impl Reconciler {
     ) -> Result<(), ReconcileError> {
         let now = Instant::now();
         self.release_quarantined(now);
-        self.check_capacity(plans)?;
-
         let wanted: BTreeSet<VipKey> = plans.iter().map(|p| p.key).collect();
-        for plan in plans {
-            self.apply_vip(dp, plan, now)?;
-        }
         let gone: Vec<VipKey> = self
             .vips
             .keys()
             .filter(|k| !wanted.contains(k))
             .copied()
             .collect();
-        for key in gone {
-            self.remove_vip(dp, &key, now)?;
+        let prepared = self.prepare(plans, &gone)?;
+
+        // Removed VIPs first: their map entries and ids make room for new ones.
+        for key in &gone {
+            self.remove_vip(dp, key, now)?;
+        }
+        self.ensure_tx_ports(dp, plans)?;
+        for vip in &prepared {
+            self.apply_vip(dp, vip, now)?;
         }
         self.sync_vip_addrs(dp)?;
         Ok(())
@@ -207,23 +297,29 @@ impl Reconciler {
         self.rings.release_quarantined(now, q);
     }
 
-    fn free_slots(&self) -> usize {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(i, s)| {
-                s.state == SLOT_FREE && !self.slot_quarantine.contains_key(&(*i as u32))
-            })
-            .count()
-    }
-
-    fn check_capacity(&self, plans: &[VipPlan]) -> Result<(), ReconcileError> {
+    /// Decides every slot, VIP id and table, and which VIPs need a new table region, checking
+    /// each against what is free. Writes nothing.
+    fn prepare<'p>(
+        &self,
+        plans: &'p [VipPlan],
+        gone: &[VipKey],
+    ) -> Result<Vec<PreparedVip<'p>>, ReconcileError> {
         if plans.len() > MAX_VIPS as usize {
             return Err(ReconcileError::TooManyVips { max: MAX_VIPS });
         }
-        // New slots: backends not installed yet. Slots freed by this change are not counted as
-        // free: they go to quarantine first.
-        let needed: usize = plans
+        let mut used_ids: BTreeSet<u32> = self
+            .vips
+            .iter()
+            .filter(|(k, _)| !gone.contains(k))
+            .map(|(_, v)| v.meta.vip_id)
+            .collect();
+        // Slots freed by this change go to quarantine first, so they do not count as free.
+        let free: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(|i| {
+                self.slots[*i as usize].state == SLOT_FREE && !self.slot_quarantine.contains_key(i)
+            })
+            .collect();
+        let needed = plans
             .iter()
             .map(|p| {
                 let installed = self.vips.get(&p.key);
@@ -232,199 +328,196 @@ impl Reconciler {
                     .filter(|b| installed.is_none_or(|v| !v.backends.contains_key(&b.addr)))
                     .count()
             })
-            .sum();
-        let free = self.free_slots();
-        if needed > free {
+            .sum::<usize>();
+        if needed > free.len() {
             return Err(ReconcileError::TooManyBackends {
                 needed,
-                free,
+                free: free.len(),
                 total: self.slots.len(),
             });
         }
-        // Every VIP may need a fresh region while its old one is still in use.
+        let mut free = free.into_iter();
         let mut pool = self.rings.clone();
-        for p in plans {
-            if pool.alloc(p.ring_size).is_none() {
+        let mut prepared = Vec::with_capacity(plans.len());
+        for plan in plans {
+            let installed = self.vips.get(&plan.key);
+            let vip_id = if let Some(v) = installed {
+                v.meta.vip_id
+            } else {
+                let id = (0..MAX_VIPS)
+                    .find(|id| !used_ids.contains(id))
+                    .ok_or(ReconcileError::TooManyVips { max: MAX_VIPS })?;
+                used_ids.insert(id);
+                id
+            };
+            let slots: Vec<(IpAddr, u32, BackendSlot)> = plan
+                .backends
+                .iter()
+                .map(|b| {
+                    let (slot, generation) =
+                        installed.and_then(|v| v.backends.get(&b.addr)).map_or_else(
+                            || {
+                                let slot = free.next().expect("counted above");
+                                (slot, self.slots[slot as usize].generation.wrapping_add(1))
+                            },
+                            |ib| (ib.slot, ib.value.generation),
+                        );
+                    (b.addr, slot, slot_value(b, vip_id, generation))
+                })
+                .collect();
+            let table = build_table(plan, &slots);
+            let swap = installed.is_none_or(|v| {
+                v.region.is_none()
+                    || v.meta.flags != plan.flags
+                    || v.meta.ring_size != plan.ring_size
+                    || v.table != table
+            });
+            if swap && pool.alloc(plan.ring_size).is_none() {
                 return Err(ReconcileError::RingPoolExhausted {
-                    size: p.ring_size,
+                    size: plan.ring_size,
                     free: pool.free_entries(),
                     pool: pool.size(),
                 });
             }
+            prepared.push(PreparedVip {
+                plan,
+                vip_id,
+                slots,
+                table,
+                swap,
+            });
+        }
+        Ok(prepared)
+    }
+
+    /// Every egress interface in the plans is a redirect target. Re-checked on every apply, so
+    /// a failed insert or an adopted data plane is repaired.
+    fn ensure_tx_ports(
+        &mut self,
+        dp: &mut impl DataPlane,
+        plans: &[VipPlan],
+    ) -> Result<(), ReconcileError> {
+        let ifindexes: BTreeSet<u32> = plans
+            .iter()
+            .flat_map(|p| p.backends.iter().filter_map(|b| b.egress))
+            .map(|e| e.ifindex)
+            .collect();
+        for ifindex in ifindexes {
+            if !self.tx_ports.contains(&ifindex) {
+                dp.add_tx_port(ifindex)?;
+                self.tx_ports.insert(ifindex);
+            }
         }
         Ok(())
     }
 
-    fn alloc_slot(&mut self) -> u32 {
-        let index = self
-            .slots
-            .iter()
-            .enumerate()
-            .position(|(i, s)| {
-                s.state == SLOT_FREE && !self.slot_quarantine.contains_key(&(i as u32))
-            })
-            .expect("capacity checked before applying");
-        index as u32
-    }
-
-    fn alloc_vip_id(&self) -> u32 {
-        let used: BTreeSet<u32> = self.vips.values().map(|v| v.meta.vip_id).collect();
-        (0..MAX_VIPS)
-            .find(|id| !used.contains(id))
-            .expect("VIP count checked before applying")
-    }
-
+    /// Applies one prepared VIP. What was written is recorded even when a later step fails, so
+    /// the next apply starts from the truth.
     fn apply_vip(
         &mut self,
         dp: &mut impl DataPlane,
-        plan: &VipPlan,
+        p: &PreparedVip<'_>,
         now: Instant,
     ) -> Result<(), ReconcileError> {
-        let mut vip = match self.vips.get(&plan.key) {
-            Some(v) => v.clone(),
-            None => InstalledVip {
-                meta: VipMeta {
-                    vip_id: self.alloc_vip_id(),
-                    ..VipMeta::default()
-                },
-                region: None,
-                table: Vec::new(),
-                backends: BTreeMap::new(),
+        let mut vip = self.vips.remove(&p.plan.key).unwrap_or(InstalledVip {
+            meta: VipMeta {
+                vip_id: p.vip_id,
+                ..VipMeta::default()
             },
-        };
-
-        self.write_slots(dp, plan, &mut vip)?;
-        self.swap_table(dp, plan, &mut vip, now)?;
-        self.free_unwanted(dp, plan, &mut vip, now)?;
-        self.vips.insert(plan.key, vip);
-        Ok(())
+            region: None,
+            table: Vec::new(),
+            backends: BTreeMap::new(),
+        });
+        let result = self.apply_vip_steps(dp, p, &mut vip, now);
+        self.vips.insert(p.plan.key, vip);
+        result
     }
 
-    /// Step 1, slots first: every backend the new table may name exists before the table does.
-    fn write_slots(
+    fn apply_vip_steps(
         &mut self,
         dp: &mut impl DataPlane,
-        plan: &VipPlan,
+        p: &PreparedVip<'_>,
         vip: &mut InstalledVip,
+        now: Instant,
     ) -> Result<(), ReconcileError> {
-        for b in &plan.backends {
-            let want_state = match (b.egress, b.weight) {
-                (None, _) => SLOT_DOWN,
-                (Some(_), 0) => SLOT_DRAINING,
-                (Some(_), _) => SLOT_ACTIVE,
-            };
-            let (addr, family) = wire_addr(b.addr);
-            let egress = b.egress.unwrap_or(Egress {
-                ifindex: 0,
-                src_mac: [0; 6],
-                dst_mac: [0; 6],
+        // 1. New slots and slots that start taking flows: they exist before a table names them.
+        //    Demotions wait until the old table, which may still name them, is gone (step 3).
+        let (early, late): (Vec<_>, Vec<_>) =
+            p.slots.iter().copied().partition(|(addr, _, value)| {
+                value.state == SLOT_ACTIVE || !vip.backends.contains_key(addr)
             });
-            let (slot, generation) = if let Some(installed) = vip.backends.get(&b.addr) {
-                (installed.slot, installed.value.generation)
-            } else {
-                let slot = self.alloc_slot();
-                (slot, self.slots[slot as usize].generation.wrapping_add(1))
-            };
-            let value = BackendSlot {
-                addr,
-                family,
-                state: want_state,
-                encap: ENCAP_IPIP,
-                generation,
-                vip_id: vip.meta.vip_id,
-                ifindex: egress.ifindex,
-                dst_mac: egress.dst_mac,
-                src_mac: egress.src_mac,
-                ..BackendSlot::default()
-            };
-            if self.slots[slot as usize] != value {
-                if egress.ifindex != 0 && self.tx_ports.insert(egress.ifindex) {
-                    dp.add_tx_port(egress.ifindex)?;
-                }
-                dp.set_backend(slot, &value)?;
-                self.slots[slot as usize] = value;
-            }
-            vip.backends
-                .insert(b.addr, InstalledBackend { slot, value });
+        for (addr, slot, value) in early {
+            self.write_slot(dp, slot, &value)?;
+            vip.backends.insert(addr, InstalledBackend { slot, value });
         }
-
-        Ok(())
-    }
-
-    /// Step 2, the table: built from the backends that take new flows, swapped in one update.
-    fn swap_table(
-        &mut self,
-        dp: &mut impl DataPlane,
-        plan: &VipPlan,
-        vip: &mut InstalledVip,
-        now: Instant,
-    ) -> Result<(), ReconcileError> {
-        let takers: Vec<(IpAddr, u32, u32)> = plan
-            .backends
-            .iter()
-            .filter(|b| b.egress.is_some() && b.weight > 0)
-            .map(|b| (b.addr, b.weight, vip.backends[&b.addr].slot))
-            .collect();
-        let weighted: Vec<maglev::Weighted> = takers
-            .iter()
-            .map(|(addr, weight, _)| maglev::Weighted {
-                addr: *addr,
-                weight: *weight,
-            })
-            .collect();
-        let table: Vec<u32> = maglev::build_table(&weighted, plan.ring_size)
-            .into_iter()
-            .map(|i| {
-                if i == RING_EMPTY {
-                    RING_EMPTY
-                } else {
-                    takers[i as usize].2
-                }
-            })
-            .collect();
-        let meta_changed = vip.meta.flags != plan.flags || vip.meta.ring_size != plan.ring_size;
-        if table != vip.table || meta_changed || !self.vips.contains_key(&plan.key) {
-            let region = self
-                .rings
-                .alloc(plan.ring_size)
-                .expect("ring space checked before applying");
-            dp.write_ring(region.offset, &table)?;
-            let meta = VipMeta {
-                vip_id: vip.meta.vip_id,
-                flags: plan.flags,
-                ring_offset: region.offset,
-                ring_size: region.len,
-            };
-            dp.set_vip(&plan.key, &meta)?;
-            if let Some(old) = vip.region.replace(region) {
-                self.rings.free(old, now);
-            }
-            vip.meta = meta;
-            vip.table = table;
+        // 2. The table, swapped in one map update.
+        if p.swap {
+            self.swap_table(dp, p, vip, now)?;
         }
-
-        Ok(())
-    }
-
-    /// Step 3, backends no longer wanted: nothing in the new table names them any more.
-    fn free_unwanted(
-        &mut self,
-        dp: &mut impl DataPlane,
-        plan: &VipPlan,
-        vip: &mut InstalledVip,
-        now: Instant,
-    ) -> Result<(), ReconcileError> {
-        let wanted: BTreeSet<IpAddr> = plan.backends.iter().map(|b| b.addr).collect();
-        let gone: Vec<IpAddr> = vip
+        // 3. Demotions (draining, down), then backends no longer wanted.
+        for (addr, slot, value) in late {
+            self.write_slot(dp, slot, &value)?;
+            vip.backends.insert(addr, InstalledBackend { slot, value });
+        }
+        let wanted: BTreeSet<IpAddr> = p.plan.backends.iter().map(|b| b.addr).collect();
+        let unwanted: Vec<IpAddr> = vip
             .backends
             .keys()
             .filter(|a| !wanted.contains(a))
             .copied()
             .collect();
-        for addr in gone {
-            let b = vip.backends.remove(&addr).expect("listed above");
-            self.free_slot(dp, b.slot, now)?;
+        for addr in unwanted {
+            let slot = vip.backends[&addr].slot;
+            self.free_slot(dp, slot, now)?;
+            vip.backends.remove(&addr);
         }
+        Ok(())
+    }
+
+    fn write_slot(
+        &mut self,
+        dp: &mut impl DataPlane,
+        slot: u32,
+        value: &BackendSlot,
+    ) -> Result<(), ReconcileError> {
+        if self.slots[slot as usize] != *value {
+            dp.set_backend(slot, value)?;
+            self.slots[slot as usize] = *value;
+        }
+        Ok(())
+    }
+
+    /// Writes the prepared table into a fresh region and points the VIP at it.
+    fn swap_table(
+        &mut self,
+        dp: &mut impl DataPlane,
+        p: &PreparedVip<'_>,
+        vip: &mut InstalledVip,
+        now: Instant,
+    ) -> Result<(), ReconcileError> {
+        let region = self
+            .rings
+            .alloc(p.plan.ring_size)
+            .expect("ring space checked in prepare");
+        let meta = VipMeta {
+            vip_id: vip.meta.vip_id,
+            flags: p.plan.flags,
+            ring_offset: region.offset,
+            ring_size: region.len,
+        };
+        let published = dp
+            .write_ring(region.offset, &p.table)
+            .and_then(|()| dp.set_vip(&p.plan.key, &meta));
+        if let Err(e) = published {
+            // Never published, so nothing can be reading it: no quarantine needed.
+            self.rings.release(region);
+            return Err(e.into());
+        }
+        if let Some(old) = vip.region.replace(region) {
+            self.rings.free(old, now);
+        }
+        vip.meta = meta;
+        vip.table.clone_from(&p.table);
         Ok(())
     }
 
@@ -455,7 +548,9 @@ impl Reconciler {
         let Some(vip) = self.vips.get(key).cloned() else {
             return Ok(());
         };
-        dp.del_vip(key)?;
+        if vip.region.is_some() {
+            dp.del_vip(key)?;
+        }
         for b in vip.backends.values() {
             self.free_slot(dp, b.slot, now)?;
         }

@@ -62,6 +62,11 @@ impl RingPool {
         Some(region)
     }
 
+    /// Returns a region nothing ever read (it was never published): reusable at once.
+    pub fn release(&mut self, region: Region) {
+        self.taken.retain(|r| *r != region);
+    }
+
     /// Returns a region; it becomes allocatable after the quarantine.
     pub fn free(&mut self, region: Region, now: Instant) {
         self.quarantined.push((region, now));

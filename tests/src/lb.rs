@@ -45,6 +45,20 @@ pub struct VipConfig {
     pub backends: Vec<(IpAddr, u32)>,
 }
 
+impl VipConfig {
+    /// The topology's VIP on `port`/tcp with every backend at weight 100.
+    pub fn for_topology(topo: &Topology, port: u16) -> Self {
+        Self {
+            address: format!("{}:{port}/tcp", topo.vip),
+            backends: topo
+                .backends
+                .iter()
+                .map(|b| (IpAddr::V4(b.ip()), 100))
+                .collect(),
+        }
+    }
+}
+
 /// Writes an lbd config file (the `lb.toml` format).
 pub fn render_config(vips: &[VipConfig]) -> String {
     let mut out = String::new();

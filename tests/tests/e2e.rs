@@ -15,7 +15,9 @@ use lb_tests::{
 };
 use lb_userspace::dataplane::kernel::AttachMode;
 
-const CONNECTIONS: usize = 300;
+// The issue asks for at least 300; 600 keeps the 70%..130% band about 5 sigma wide, so a fair
+// hash does not flake.
+const CONNECTIONS: usize = 600;
 const TEN_MB: u64 = 10 * 1024 * 1024;
 const PORT: u16 = 80;
 
@@ -34,14 +36,7 @@ fn balance_and_integrity(label: &str, two_arm: bool, mode: AttachMode) {
         .map(|b| Server::start(&b.ns, &b.name, PORT).expect("backend server"))
         .collect();
 
-    let config = render_config(&[VipConfig {
-        address: format!("{vip}:{PORT}/tcp"),
-        backends: topo
-            .backends
-            .iter()
-            .map(|b| (IpAddr::V4(b.ip()), 100))
-            .collect(),
-    }]);
+    let config = render_config(&[VipConfig::for_topology(&topo, PORT)]);
     let gw = topo.gw();
     let lbd = Lbd::start(&gw.ns, &gw.ifaces(), mode, &config).expect("lbd");
 

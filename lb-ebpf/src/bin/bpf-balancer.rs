@@ -105,14 +105,6 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, DropReason> {
     Ok(action)
 }
 
-#[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // Unreachable in a verified program: the verifier rejects the loop, so any panic path left
-    // in the code fails the load instead of hanging.
-    loop {}
-}
-
 // On the host this bin only needs to type-check (clippy --workspace).
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

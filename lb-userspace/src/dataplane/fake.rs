@@ -31,6 +31,8 @@ pub struct FakeDataPlane {
     pub ops: Vec<Op>,
     /// When set, the next mutating call fails (to test that failures change nothing visible).
     pub fail_next: bool,
+    /// When `Some(n)`, the mutating call after `n` more successful ones fails.
+    pub fail_on: Option<u32>,
 }
 
 /// `VipKey` ordered by its bytes, so the fake's maps iterate deterministically.
@@ -65,10 +67,19 @@ impl FakeDataPlane {
             tx_ports: BTreeSet::new(),
             ops: Vec::new(),
             fail_next: false,
+            fail_on: None,
         }
     }
 
     fn check(&mut self) -> Result<(), DataPlaneError> {
+        match self.fail_on {
+            Some(0) => {
+                self.fail_on = None;
+                self.fail_next = true;
+            }
+            Some(n) => self.fail_on = Some(n - 1),
+            None => {}
+        }
         if std::mem::take(&mut self.fail_next) {
             return Err(DataPlaneError::MissingMap { name: "fake" });
         }

@@ -174,14 +174,24 @@ impl KernelDataPlane {
         if link_pin.exists() {
             match adopt_link(program, &link_pin) {
                 Ok(()) => return Ok(Attached::Adopted),
-                // The interface the link belonged to is gone (or the pin is not a link): the pin
-                // is stale, so replace it with a fresh attachment below.
-                Err(reason) => {
+                // The link's interface is gone, or the pin is not an XDP link: the pin is stale,
+                // so replace it with a fresh attachment below.
+                Err(LinkAdoption::Stale(reason)) => {
                     tracing::warn!(iface, %reason, pin = %link_pin.display(), "stale link pin, attaching anew");
                     fs::remove_file(&link_pin).map_err(|source| DataPlaneError::Pin {
                         path: link_pin.clone(),
                         source,
                     })?;
+                }
+                // Anything else: keep the pin (the link may be live and forwarding) and fail.
+                Err(LinkAdoption::Failed(reason)) => {
+                    return Err(DataPlaneError::Interface {
+                        iface: iface.to_owned(),
+                        reason: format!(
+                            "cannot adopt the pinned link {}: {reason}",
+                            link_pin.display()
+                        ),
+                    });
                 }
             }
         }
@@ -220,12 +230,33 @@ impl KernelDataPlane {
     }
 }
 
-fn adopt_link(program: &mut Xdp, pin: &Path) -> Result<(), String> {
-    let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
-    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
-    let id = program.attach_to_link(link).map_err(|e| e.to_string())?;
-    // The pin keeps the link alive; forget our handle so dropping the program does not matter.
-    let link = program.take_link(id).map_err(|e| e.to_string())?;
+enum LinkAdoption {
+    Stale(String),
+    Failed(String),
+}
+
+fn adopt_link(program: &mut Xdp, pin: &Path) -> Result<(), LinkAdoption> {
+    let stale = |e: &dyn std::fmt::Display| LinkAdoption::Stale(e.to_string());
+    let pinned = PinnedLink::from_pin(pin).map_err(|e| stale(&e))?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| stale(&e))?;
+    let id = program.attach_to_link(link).map_err(|e| {
+        // ENOLINK (os error 67): the link was detached because its interface went away.
+        let message = format!(
+            "{e}: {}",
+            std::error::Error::source(&e)
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
+        if message.contains("os error 67") {
+            LinkAdoption::Stale(message)
+        } else {
+            LinkAdoption::Failed(message)
+        }
+    })?;
+    // The pin keeps the link alive; drop our handle so the program's lifetime does not matter.
+    let link = program
+        .take_link(id)
+        .map_err(|e| LinkAdoption::Failed(e.to_string()))?;
     drop(link);
     Ok(())
 }

@@ -201,12 +201,15 @@ fn same_plan_twice_and_after_adoption_changes_nothing() {
         dp.ops
     );
 
-    // A restarted agent reads the same state back and has nothing to change either.
+    // A restarted agent reads the same state back and has nothing to change either, beyond
+    // re-asserting the (idempotent) redirect ports it cannot read back.
     let mut adopted = Reconciler::adopt(&dp, Duration::ZERO).unwrap();
     dp.ops.clear();
     adopted.apply(&mut dp, &plans).unwrap();
     assert!(
-        dp.ops.iter().all(|o| matches!(o, Op::SetVipAddr(..))),
+        dp.ops
+            .iter()
+            .all(|o| matches!(o, Op::SetVipAddr(..) | Op::TxPort(_))),
         "{:?}",
         dp.ops
     );
@@ -254,4 +257,90 @@ fn freed_slots_wait_out_the_quarantine() {
     rec.apply(&mut dp, &[plan(v, vec![backend("10.1.0.2", 1)])])
         .unwrap();
     assert_ne!(slot_of(&rec, &v, "10.1.0.2"), first);
+}
+
+#[test]
+fn unchanged_vips_need_no_new_table_region() {
+    // 64-entry pool, 13-entry tables: 4 VIPs fit once; re-applying must not ask for 4 more.
+    let (mut dp, mut rec) = setup();
+    let plans: Vec<VipPlan> = (1..=4)
+        .map(|i| plan(vip(&format!("10.0.0.{i}")), vec![backend("10.1.0.1", 1)]))
+        .collect();
+    rec.apply(&mut dp, &plans).unwrap();
+    rec.apply(&mut dp, &plans).unwrap();
+    let mut adopted = Reconciler::adopt(&dp, Duration::ZERO).unwrap();
+    adopted.apply(&mut dp, &plans).unwrap();
+}
+
+#[test]
+fn replacing_vips_frees_their_room_first() {
+    // Room for the old and the new tables at once (removed tables are quarantined).
+    let mut dp = FakeDataPlane::new(13 * 8);
+    let mut rec = Reconciler::adopt(&dp, Duration::ZERO).unwrap();
+    let old: Vec<VipPlan> = (1..=4)
+        .map(|i| plan(vip(&format!("10.0.0.{i}")), vec![backend("10.1.0.1", 1)]))
+        .collect();
+    rec.apply(&mut dp, &old).unwrap();
+    let new: Vec<VipPlan> = (5..=8)
+        .map(|i| plan(vip(&format!("10.0.0.{i}")), vec![backend("10.1.0.1", 1)]))
+        .collect();
+    rec.apply(&mut dp, &new).unwrap();
+    assert_eq!(dp.vips.len(), 4);
+    let first_set = position(
+        &dp.ops,
+        |o| matches!(o, Op::SetVip(k, _) if *k == vip("10.0.0.5")),
+    );
+    let last_del = dp
+        .ops
+        .iter()
+        .rposition(|o| matches!(o, Op::DelVip(_)))
+        .unwrap();
+    assert!(last_del < first_set, "{:?}", dp.ops);
+}
+
+#[test]
+fn a_failed_write_is_remembered_and_repaired() {
+    let (mut dp, mut rec) = setup();
+    let v = vip("10.0.0.1");
+    let plans = [plan(v, vec![backend("10.1.0.1", 1)])];
+    // Fail on the ring write (after the tx port and the slot were written).
+    dp.fail_on = Some(2);
+    rec.apply(&mut dp, &plans).unwrap_err();
+    assert!(dp.vips.is_empty());
+    rec.apply(&mut dp, &plans).unwrap();
+    let table = dp.table_of(&v).unwrap();
+    assert!(table.iter().all(|s| *s == slot_of(&rec, &v, "10.1.0.1")));
+    // Only one slot was ever used for the backend.
+    let used = dp.backends.iter().filter(|b| b.state != SLOT_FREE).count();
+    assert_eq!(used, 1);
+}
+
+#[test]
+fn drain_writes_the_demotion_after_the_table_swap() {
+    let (mut dp, mut rec) = setup();
+    let v = vip("10.0.0.1");
+    rec.apply(
+        &mut dp,
+        &[plan(
+            v,
+            vec![backend("10.1.0.1", 1), backend("10.1.0.2", 1)],
+        )],
+    )
+    .unwrap();
+    let drained = slot_of(&rec, &v, "10.1.0.2");
+    dp.ops.clear();
+    rec.apply(
+        &mut dp,
+        &[plan(
+            v,
+            vec![backend("10.1.0.1", 1), backend("10.1.0.2", 0)],
+        )],
+    )
+    .unwrap();
+    let swap = position(&dp.ops, |o| matches!(o, Op::SetVip(..)));
+    let demote = position(
+        &dp.ops,
+        |o| matches!(o, Op::SetBackend(s, b) if *s == drained && b.state == SLOT_DRAINING),
+    );
+    assert!(swap < demote, "{:?}", dp.ops);
 }

@@ -50,14 +50,7 @@ fn demo() -> Result<()> {
         .map(|b| Server::start(&b.ns, &b.name, PORT))
         .collect::<Result<_>>()?;
 
-    let config = render_config(&[VipConfig {
-        address: format!("{vip}:{PORT}/tcp"),
-        backends: topo
-            .backends
-            .iter()
-            .map(|b| (IpAddr::V4(b.ip()), 100))
-            .collect(),
-    }]);
+    let config = render_config(&[VipConfig::for_topology(&topo, PORT)]);
     println!("\n== lbd config (lb.toml):\n{config}");
     let gw = topo.gw();
     let lbd = Lbd::start(&gw.ns, &gw.ifaces(), AttachMode::Native, &config)?;
