@@ -6,9 +6,7 @@ use aya_ebpf::{helpers::bpf_xdp_adjust_head, macros::map, maps::HashMap, program
 use lb_common::{VipKey, keys::FAMILY_V4, maps::MAX_DECAP_VIPS};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::parse::{ETH_HLEN, ETH_P_IP, IPV4_HLEN, ptr_at};
-
-const IPPROTO_IPIP: u8 = 4;
+use crate::parse::{ETH_HLEN, ETH_P_IP, IPPROTO_IPIP, IPV4_HLEN, ptr_at};
 
 /// VIP addresses this host decapsulates for (address-only keys: port and protocol zero).
 #[map(name = "LB_DECAP_VIPS")]

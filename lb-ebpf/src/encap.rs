@@ -9,9 +9,8 @@ use lb_common::{
 };
 use network_types::eth::EthHdr;
 
-use crate::parse::{ETH_HLEN, ETH_P_IP, IPV4_HLEN, ptr_at};
+use crate::parse::{ETH_HLEN, ETH_P_IP, IPPROTO_IPIP, IPV4_HLEN, ptr_at};
 
-const IPPROTO_IPIP: u8 = 4;
 const OUTER_TTL: u8 = 64;
 /// Don't-fragment: the outer packet must not be fragmented on the way to the backend.
 const IP_DF: u16 = 0x4000;

@@ -13,6 +13,8 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 pub const ETH_HLEN: usize = mem::size_of::<EthHdr>();
 pub const IPV4_HLEN: usize = mem::size_of::<Ipv4Hdr>();
 pub const ETH_P_IP: u16 = 0x0800;
+/// IP protocol number of IPv4-in-IPv4 (the balancer writes it, the decapsulator matches it).
+pub const IPPROTO_IPIP: u8 = 4;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 /// IPv4 flags/offset word: more-fragments bit and the 13-bit offset.

@@ -98,6 +98,15 @@ struct PreparedVip<'p> {
     swap: bool,
 }
 
+/// What is installed but no longer wanted.
+fn keys_not_in<K: Ord + Copy, V>(installed: &BTreeMap<K, V>, wanted: &BTreeSet<K>) -> Vec<K> {
+    installed
+        .keys()
+        .filter(|k| !wanted.contains(k))
+        .copied()
+        .collect()
+}
+
 /// The slot value a backend plan asks for.
 fn slot_value(b: &BackendPlan, vip_id: u32, generation: u32) -> BackendSlot {
     let state = match (b.egress, b.weight) {
@@ -270,12 +279,7 @@ impl Reconciler {
         let now = Instant::now();
         self.release_quarantined(now);
         let wanted: BTreeSet<VipKey> = plans.iter().map(|p| p.key).collect();
-        let gone: Vec<VipKey> = self
-            .vips
-            .keys()
-            .filter(|k| !wanted.contains(k))
-            .copied()
-            .collect();
+        let gone = keys_not_in(&self.vips, &wanted);
         let prepared = self.prepare(plans, &gone)?;
 
         // Removed VIPs first: their map entries and ids make room for new ones.
@@ -460,12 +464,7 @@ impl Reconciler {
             vip.backends.insert(addr, InstalledBackend { slot, value });
         }
         let wanted: BTreeSet<IpAddr> = p.plan.backends.iter().map(|b| b.addr).collect();
-        let unwanted: Vec<IpAddr> = vip
-            .backends
-            .keys()
-            .filter(|a| !wanted.contains(a))
-            .copied()
-            .collect();
+        let unwanted = keys_not_in(&vip.backends, &wanted);
         for addr in unwanted {
             let slot = vip.backends[&addr].slot;
             self.free_slot(dp, slot, now)?;

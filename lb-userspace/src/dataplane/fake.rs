@@ -24,8 +24,8 @@ pub enum Op {
 pub struct FakeDataPlane {
     pub config: GlobalConfig,
     pub ring: Vec<u32>,
-    pub vips: BTreeMap<VipKeyOrd, VipMeta>,
-    pub vip_addrs: BTreeMap<VipKeyOrd, u32>,
+    pub vips: BTreeMap<VipKey, VipMeta>,
+    pub vip_addrs: BTreeMap<VipKey, u32>,
     pub backends: Vec<BackendSlot>,
     pub tx_ports: BTreeSet<u32>,
     pub ops: Vec<Op>,
@@ -33,27 +33,6 @@ pub struct FakeDataPlane {
     pub fail_next: bool,
     /// When `Some(n)`, the mutating call after `n` more successful ones fails.
     pub fail_on: Option<u32>,
-}
-
-/// `VipKey` ordered by its bytes, so the fake's maps iterate deterministically.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct VipKeyOrd(pub [u32; 4], pub u16, pub u8, pub u8);
-
-impl From<&VipKey> for VipKeyOrd {
-    fn from(k: &VipKey) -> Self {
-        Self(k.addr, k.port, k.proto, k.family)
-    }
-}
-
-impl From<VipKeyOrd> for VipKey {
-    fn from(k: VipKeyOrd) -> Self {
-        VipKey {
-            addr: k.0,
-            port: k.1,
-            proto: k.2,
-            family: k.3,
-        }
-    }
 }
 
 impl FakeDataPlane {
@@ -88,7 +67,7 @@ impl FakeDataPlane {
 
     /// The table a VIP currently points at, as slot indices.
     pub fn table_of(&self, key: &VipKey) -> Option<&[u32]> {
-        let meta = self.vips.get(&key.into())?;
+        let meta = self.vips.get(key)?;
         let start = meta.ring_offset as usize;
         Some(&self.ring[start..start + meta.ring_size as usize])
     }
@@ -138,38 +117,38 @@ impl DataPlane for FakeDataPlane {
 
     fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataPlaneError> {
         self.check()?;
-        self.vips.insert(key.into(), *meta);
+        self.vips.insert(*key, *meta);
         self.ops.push(Op::SetVip(*key, *meta));
         Ok(())
     }
 
     fn del_vip(&mut self, key: &VipKey) -> Result<(), DataPlaneError> {
         self.check()?;
-        self.vips.remove(&key.into());
+        self.vips.remove(key);
         self.ops.push(Op::DelVip(*key));
         Ok(())
     }
 
     fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>, DataPlaneError> {
-        Ok(self.vips.iter().map(|(k, v)| ((*k).into(), *v)).collect())
+        Ok(self.vips.iter().map(|(k, v)| (*k, *v)).collect())
     }
 
     fn set_vip_addr(&mut self, key: &VipKey, vips_on_it: u32) -> Result<(), DataPlaneError> {
         self.check()?;
-        self.vip_addrs.insert(key.into(), vips_on_it);
+        self.vip_addrs.insert(*key, vips_on_it);
         self.ops.push(Op::SetVipAddr(*key, vips_on_it));
         Ok(())
     }
 
     fn del_vip_addr(&mut self, key: &VipKey) -> Result<(), DataPlaneError> {
         self.check()?;
-        self.vip_addrs.remove(&key.into());
+        self.vip_addrs.remove(key);
         self.ops.push(Op::DelVipAddr(*key));
         Ok(())
     }
 
     fn vip_addrs(&self) -> Result<Vec<VipKey>, DataPlaneError> {
-        Ok(self.vip_addrs.keys().map(|k| (*k).into()).collect())
+        Ok(self.vip_addrs.keys().copied().collect())
     }
 
     fn set_backend(&mut self, slot: u32, backend: &BackendSlot) -> Result<(), DataPlaneError> {

@@ -92,7 +92,7 @@ fn fresh_vip_writes_slots_before_the_table_that_names_them() {
         .collect();
     assert!(table.iter().all(|s| slots.contains(s)), "{table:?}");
     assert_eq!(table.iter().collect::<BTreeSet<_>>().len(), 3);
-    assert!(dp.vip_addrs.contains_key(&(&v.address_only()).into()));
+    assert!(dp.vip_addrs.contains_key(&v.address_only()));
     assert!(dp.tx_ports.contains(&7));
 }
 
