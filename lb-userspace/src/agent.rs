@@ -58,7 +58,7 @@ pub fn plans(state: &DesiredState, egress: &BTreeMap<IpAddr, Egress>) -> Vec<Vip
                 .iter()
                 .map(|b| BackendPlan {
                     addr: b.addr,
-                    weight: b.weight,
+                    weight: b.effective_weight(),
                     egress: egress.get(&b.addr).copied(),
                 })
                 .collect(),

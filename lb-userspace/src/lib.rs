@@ -1,6 +1,8 @@
 //! lb-userspace: the agent (lbd), the CLI (lbctl) and the library they share.
 
 pub mod agent;
+pub mod api;
+pub mod change;
 pub mod config;
 pub mod dataplane;
 pub mod maglev;

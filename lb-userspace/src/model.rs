@@ -216,14 +216,32 @@ fn default_ring_size() -> u32 {
 pub struct BackendSpec {
     #[serde(rename = "address")]
     pub addr: IpAddr,
-    /// `0..=MAX_WEIGHT`; 0 drains: no new flows, existing ones stay.
+    /// `0..=MAX_WEIGHT`; 0 takes no new flows, existing ones stay.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Draining: no new flows, existing ones stay. Kept apart from the weight so undraining
+    /// restores it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub drain: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl BackendSpec {
     pub fn new(addr: IpAddr, weight: u32) -> Self {
-        Self { addr, weight }
+        Self {
+            addr,
+            weight,
+            drain: false,
+        }
+    }
+
+    /// The weight new flows see: 0 while draining.
+    pub fn effective_weight(&self) -> u32 {
+        if self.drain { 0 } else { self.weight }
     }
 }
 
@@ -266,7 +284,7 @@ impl VipSpec {
             .iter()
             .map(|b| maglev::Weighted {
                 addr: b.addr,
-                weight: b.weight,
+                weight: b.effective_weight(),
             })
             .collect();
         maglev::build_table(&weighted, self.ring_size)
@@ -430,6 +448,29 @@ impl DesiredState {
         check_weight(weight, || backend_path(&Where::Key(*vip), i, addr))?;
         let backend = &mut self.vips.get_mut(vip).expect("checked above").backends[i];
         Ok(std::mem::replace(&mut backend.weight, weight))
+    }
+
+    /// Drains (`true`) or undrains a backend; returns whether it was draining.
+    pub fn set_drain(&mut self, vip: &VipId, addr: IpAddr, drain: bool) -> Result<bool, ModelError> {
+        let spec = self.existing(vip)?;
+        let i = backend_index(spec, addr)?;
+        let backend = &mut self.vips.get_mut(vip).expect("checked above").backends[i];
+        Ok(std::mem::replace(&mut backend.drain, drain))
+    }
+
+    /// Changes a VIP's table size and hash mode, keeping its backends; returns the old spec.
+    pub fn set_vip_options(
+        &mut self,
+        vip: &VipId,
+        ring_size: u32,
+        hash: HashMode,
+    ) -> Result<VipSpec, ModelError> {
+        let spec = VipSpec {
+            ring_size,
+            hash,
+            ..self.existing(vip)?.clone()
+        };
+        self.replace_vip(spec)
     }
 
     fn existing(&self, id: &VipId) -> Result<&VipSpec, ModelError> {

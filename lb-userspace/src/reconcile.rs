@@ -269,6 +269,14 @@ impl Reconciler {
             .collect()
     }
 
+    /// Checks that `plans` fit in what is free, as `apply` would, without writing anything.
+    pub fn check(&mut self, plans: &[VipPlan]) -> Result<(), ReconcileError> {
+        self.release_quarantined(Instant::now());
+        let wanted: BTreeSet<VipKey> = plans.iter().map(|p| p.key).collect();
+        let gone = keys_not_in(&self.vips, &wanted);
+        self.prepare(plans, &gone).map(drop)
+    }
+
     /// Applies `plans` (the complete wanted set of VIPs). Everything that can fail for lack of
     /// room is decided before the first write, so such an error leaves the data plane untouched.
     pub fn apply(

@@ -1,11 +1,25 @@
 //! An in-memory [`DataPlane`] for unit tests of the control logic. It also records every call,
 //! so tests can check the order of operations (slots before tables, tables before frees).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+};
 
-use lb_common::{BackendSlot, GlobalConfig, VipKey, VipMeta, maps::MAX_BACKENDS};
+use lb_common::{BackendSlot, FlowValue, GlobalConfig, VipKey, VipMeta, maps::MAX_BACKENDS};
 
-use super::{DataPlane, DataPlaneError};
+use super::{DataPlane, DataPlaneError, FlowTable};
+
+/// The fake's flow table: tests put entries in it directly.
+#[derive(Debug, Default)]
+pub struct FakeFlows(pub Mutex<Vec<FlowValue>>);
+
+impl FlowTable for FakeFlows {
+    fn for_each_flow(&self, f: &mut dyn FnMut(&FlowValue)) -> Result<(), DataPlaneError> {
+        self.0.lock().expect("not poisoned").iter().for_each(f);
+        Ok(())
+    }
+}
 
 /// One recorded operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +42,7 @@ pub struct FakeDataPlane {
     pub vip_addrs: BTreeMap<VipKey, u32>,
     pub backends: Vec<BackendSlot>,
     pub tx_ports: BTreeSet<u32>,
+    pub flows: Arc<FakeFlows>,
     pub ops: Vec<Op>,
     /// When set, the next mutating call fails (to test that failures change nothing visible).
     pub fail_next: bool,
@@ -44,6 +59,7 @@ impl FakeDataPlane {
             vip_addrs: BTreeMap::new(),
             backends: vec![BackendSlot::default(); MAX_BACKENDS as usize],
             tx_ports: BTreeSet::new(),
+            flows: Arc::default(),
             ops: Vec::new(),
             fail_next: false,
             fail_on: None,
@@ -167,5 +183,9 @@ impl DataPlane for FakeDataPlane {
         self.tx_ports.insert(ifindex);
         self.ops.push(Op::TxPort(ifindex));
         Ok(())
+    }
+
+    fn flow_table(&self) -> Arc<dyn FlowTable> {
+        self.flows.clone()
     }
 }

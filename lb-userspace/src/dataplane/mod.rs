@@ -6,9 +6,9 @@ pub mod decap;
 pub mod fake;
 pub mod kernel;
 
-use std::{io, path::PathBuf};
+use std::{io, path::PathBuf, sync::Arc};
 
-use lb_common::{BackendSlot, GlobalConfig, VipKey, VipMeta};
+use lb_common::{BackendSlot, FlowValue, GlobalConfig, VipKey, VipMeta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataPlaneError {
@@ -71,4 +71,13 @@ pub trait DataPlane {
     fn backends(&self) -> Result<Vec<BackendSlot>, DataPlaneError>;
     /// Makes an interface a redirect target (devmap) for backends behind it.
     fn add_tx_port(&mut self, ifindex: u32) -> Result<(), DataPlaneError>;
+    /// A read handle on the flow table that a blocking task can scan while the agent goes on.
+    fn flow_table(&self) -> Arc<dyn FlowTable>;
+}
+
+/// Read access to `LB_FLOWS`. A scan of a large table takes long, so it runs off the agent's
+/// loop; the data plane keeps inserting and evicting meanwhile, so a scan is a close estimate.
+pub trait FlowTable: Send + Sync {
+    /// Calls `f` with the value of every entry.
+    fn for_each_flow(&self, f: &mut dyn FnMut(&FlowValue)) -> Result<(), DataPlaneError>;
 }
