@@ -118,10 +118,16 @@ pub struct FlowValue {
     /// Must equal the slot's generation, or the entry is stale and the flow re-hashes.
     pub generation: u32,
     /// `bpf_ktime_get_coarse_ns() >> 30` (about seconds of `CLOCK_MONOTONIC`) when last refreshed;
-    /// refreshed at most once per such tick.
+    /// refreshed at most once per such tick, and whenever `flags` change.
     pub last_seen: u32,
-    pub pad: u32,
+    /// `FLOW_F_*` bits.
+    pub flags: u32,
 }
+
+/// The client sent FIN or RST: the connection is closing. The entry stays (late packets of the
+/// flow still reach the backend) but no longer counts as a live flow once a tick has passed
+/// since `last_seen`. A SYN on the entry (the port reused for a new connection) clears it.
+pub const FLOW_F_CLOSED: u32 = 1 << 0;
 
 /// Slot holds no backend.
 pub const SLOT_FREE: u8 = 0;
@@ -131,6 +137,10 @@ pub const SLOT_ACTIVE: u8 = 1;
 pub const SLOT_DRAINING: u8 = 2;
 /// Failed health checks or unresolvable next hop: loses its flows, which re-hash.
 pub const SLOT_DOWN: u8 = 3;
+/// Removed a moment ago. Its flows re-hash, but a packet that read the VIP's previous table
+/// just before the swap still forwards to it; written FREE after lbd's quarantine. Telling it
+/// apart from a live slot lets a restarted lbd quarantine it rather than adopt it.
+pub const SLOT_RETIRED: u8 = 4;
 
 /// Encapsulation kinds (`BackendSlot::encap`).
 pub const ENCAP_IPIP: u8 = 0;
@@ -164,6 +174,13 @@ impl BackendSlot {
     /// True when flows pinned to this slot (with this generation) may keep using it.
     pub fn keeps_flows(&self) -> bool {
         self.state == SLOT_ACTIVE || self.state == SLOT_DRAINING
+    }
+
+    /// True when a Maglev table entry naming this slot may send a new flow to it. Only a table
+    /// lbd has just replaced names a draining or retired slot, for a packet that read it a
+    /// moment before the swap: it still forwards rather than meeting a slot mid-rewrite.
+    pub fn forwards_from_table(&self) -> bool {
+        self.keeps_flows() || self.state == SLOT_RETIRED
     }
 }
 

@@ -1,9 +1,11 @@
 //! Lookups that choose a packet's backend: VIP and VIP address, the flow table (pinned
 //! backends), and the VIP's Maglev table in the ring pool.
 
+use core::ptr;
+
 use lb_common::{
     BackendSlot, DropReason, FlowKey, FlowValue, GlobalConfig, VipKey, VipMeta,
-    keys::{RING_EMPTY, SLOT_ACTIVE, WireAddr},
+    keys::{FLOW_F_CLOSED, RING_EMPTY, WireAddr},
 };
 
 use crate::maps::{LB_BACKENDS, LB_CONFIG, LB_FLOWS, LB_RINGS, LB_VIP_ADDRS, LB_VIPS};
@@ -49,24 +51,40 @@ pub fn config() -> Option<&'static GlobalConfig> {
 /// The backend `flow` is pinned to, if that pin still holds: the slot still has the generation
 /// the flow recorded and keeps flows (active or draining). Refreshes `last_seen` only when the
 /// tick moved, so an established flow costs one write per tick rather than one per packet.
+/// `syn` and `fin_rst` are the packet's TCP flags: a FIN or RST marks the entry closed, a SYN on
+/// a closed entry (the client reused the port for a new connection) opens it again.
 #[inline(always)]
-pub fn pinned_backend(flow: &FlowKey, tick: u32) -> Option<Backend> {
+pub fn pinned_backend(flow: &FlowKey, tick: u32, syn: bool, fin_rst: bool) -> Option<Backend> {
     let value = LB_FLOWS.get_ptr_mut(flow)?;
     // SAFETY: a pointer from a successful lookup stays valid for this program run (RCU).
-    let (index, generation, last_seen) =
-        unsafe { ((*value).slot, (*value).generation, (*value).last_seen) };
+    let (index, generation, last_seen, flags) = unsafe {
+        (
+            (*value).slot,
+            (*value).generation,
+            (*value).last_seen,
+            (*value).flags,
+        )
+    };
     let slot = LB_BACKENDS.get(index)?;
     if slot.generation != generation || !slot.keeps_flows() {
         return None;
     }
-    if last_seen != tick {
+    let closed = flags & FLOW_F_CLOSED != 0;
+    if (fin_rst && !closed) || (syn && closed) {
+        // SAFETY: as above. last_seen goes first so that a reader which sees the new flag also
+        // sees the tick it was set in (the flag alone would make the flow look long gone).
+        unsafe {
+            ptr::write_volatile(&raw mut (*value).last_seen, tick);
+            ptr::write_volatile(&raw mut (*value).flags, flags ^ FLOW_F_CLOSED);
+        }
+    } else if last_seen != tick {
         // SAFETY: as above; a racing writer on another CPU stores a tick just as good.
         unsafe { (*value).last_seen = tick };
     }
     Some(Backend { index, slot })
 }
 
-/// The backend the VIP's Maglev table gives for `hash`; only active slots take new flows.
+/// The backend the VIP's Maglev table gives for `hash`.
 #[inline(always)]
 pub fn ring_backend(vip: &VipMeta, hash: u32) -> Result<Backend, DropReason> {
     if vip.ring_size == 0 {
@@ -79,7 +97,9 @@ pub fn ring_backend(vip: &VipMeta, hash: u32) -> Result<Backend, DropReason> {
         return Err(DropReason::NoBackend);
     }
     let slot = LB_BACKENDS.get(index).ok_or(DropReason::NoBackend)?;
-    if slot.state != SLOT_ACTIVE {
+    // The table decides who takes new flows; the state only guards against a slot that cannot
+    // forward (see `forwards_from_table`).
+    if !slot.forwards_from_table() {
         return Err(DropReason::NoBackend);
     }
     Ok(Backend { index, slot })
@@ -93,7 +113,7 @@ pub fn pin_flow(flow: &FlowKey, backend: Backend, tick: u32) -> bool {
         slot: backend.index,
         generation: backend.slot.generation,
         last_seen: tick,
-        pad: 0,
+        flags: 0,
     };
     LB_FLOWS.insert(flow, value, 0).is_ok()
 }

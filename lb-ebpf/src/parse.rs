@@ -19,7 +19,9 @@ const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 /// IPv4 flags/offset word: more-fragments bit and the 13-bit offset.
 const IP_MF_OFFSET: u16 = 0x3fff;
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// What the balancer needs from a well-formed TCP or UDP packet.
@@ -27,6 +29,8 @@ pub struct Packet {
     pub flow: FlowKey,
     /// TCP SYN without ACK: the opening packet of a connection.
     pub syn: bool,
+    /// TCP FIN or RST: the client is closing the connection.
+    pub fin_rst: bool,
     /// Frame length as received, for the byte counters.
     pub len: u32,
     /// IPv4 TOS byte, copied to the outer header.
@@ -104,7 +108,7 @@ fn check_ipv4(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<Packet, DropReason> {
     // Ethernet padding may follow the IP packet, so L4 lengths are checked against tot_len.
     let l4_len = tot_len as usize - IPV4_HLEN;
     let l4_offset = ETH_HLEN + IPV4_HLEN;
-    let (ports, syn) = match ip.proto {
+    let (ports, syn, fin_rst) = match ip.proto {
         PROTO_TCP => {
             let tcp = ptr_at::<[u8; TCP_HLEN]>(ctx, l4_offset).ok_or(DropReason::BadL4Header)?;
             // SAFETY: bounds-checked above.
@@ -115,7 +119,8 @@ fn check_ipv4(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<Packet, DropReason> {
             }
             let flags = tcp[13];
             let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            ([tcp[0], tcp[1], tcp[2], tcp[3]], syn)
+            let fin_rst = flags & (TCP_FIN | TCP_RST) != 0;
+            ([tcp[0], tcp[1], tcp[2], tcp[3]], syn, fin_rst)
         }
         PROTO_UDP => {
             let udp = ptr_at::<[u8; UDP_HLEN]>(ctx, l4_offset).ok_or(DropReason::BadL4Header)?;
@@ -124,7 +129,7 @@ fn check_ipv4(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<Packet, DropReason> {
             if l4_len < UDP_HLEN {
                 return Err(DropReason::BadL4Header);
             }
-            ([udp[0], udp[1], udp[2], udp[3]], false)
+            ([udp[0], udp[1], udp[2], udp[3]], false, false)
         }
         _ => return Err(DropReason::UnsupportedProtocol),
     };
@@ -139,6 +144,7 @@ fn check_ipv4(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<Packet, DropReason> {
             pad: [0; 2],
         },
         syn,
+        fin_rst,
         len: (ctx.data_end() - ctx.data()) as u32,
         tos: ip.tos,
         tot_len,

@@ -1,22 +1,40 @@
-//! lbd's main loop: load (or adopt) the data plane, resolve every backend's next hop, reconcile,
-//! attach, then keep next hops fresh as the kernel's routes and neighbours change. The order at
-//! start matters: tables are complete before a freshly attached program sees its first packet,
-//! and an adopted program keeps forwarding from the pinned maps the whole time.
+//! lbd's main loop: load (or adopt) the data plane, restore the saved state, resolve every
+//! backend's next hop, reconcile, attach, then serve the control API and keep next hops fresh
+//! as the kernel's routes and neighbours change.
+//!
+//! The order at start matters: tables are complete before a freshly attached program sees its
+//! first packet, and an adopted program keeps forwarding from the pinned maps the whole time.
+//! The loop is the only writer of the desired state and the maps; API requests reach it as
+//! [`Command`]s, next-hop lookups run beside it and report back, and flow-table scans run on
+//! blocking threads, so none of them stalls the others.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
-use futures::StreamExt;
-use tokio::signal::unix::{SignalKind, signal};
+use futures::{StreamExt, future::join_all};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+};
 
 use crate::{
-    config,
+    api::{self, ApiError, Command, ErrorKind},
+    config::{self, Config},
+    control::{Control, Pending},
     dataplane::{
         DataPlane, DataPlaneError,
         kernel::{AttachMode, Attached, KernelDataPlane, LoadOptions},
     },
+    flows,
     model::DesiredState,
     nexthop::{NextHop, ResolveError, Resolver, watch_changes},
-    reconcile::{BackendPlan, DEFAULT_QUARANTINE, Egress, ReconcileError, Reconciler, VipPlan},
+    reconcile::{DEFAULT_QUARANTINE, Egress, ReconcileError, Reconciler},
+    store::{StateStore, StoreError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -24,11 +42,15 @@ pub enum AgentError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
     DataPlane(#[from] DataPlaneError),
     #[error(transparent)]
     Reconcile(#[from] ReconcileError),
     #[error("next-hop resolution: {0}")]
     Resolve(#[from] ResolveError),
+    #[error("control socket: {0}")]
+    Api(#[from] api::server::ServerError),
     #[error("signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -39,83 +61,24 @@ pub struct AgentOptions {
     pub ifaces: Vec<String>,
     pub mode: AttachMode,
     pub config_path: PathBuf,
+    /// Where accepted changes are saved.
+    pub state_path: PathBuf,
+    pub socket: PathBuf,
+    pub socket_group: Option<String>,
     pub load: LoadOptions,
     /// Re-resolve every backend this often even without a netlink notification.
     pub resolve_interval: Duration,
 }
 
-/// Turns the desired state plus what is known of next hops into reconcile's input.
-pub fn plans(state: &DesiredState, egress: &BTreeMap<IpAddr, Egress>) -> Vec<VipPlan> {
-    state
-        .vips
-        .values()
-        .map(|vip| VipPlan {
-            key: vip.id.key(),
-            flags: vip.hash.vip_flags(),
-            ring_size: vip.ring_size,
-            backends: vip
-                .backends
-                .iter()
-                .map(|b| BackendPlan {
-                    addr: b.addr,
-                    weight: b.effective_weight(),
-                    egress: egress.get(&b.addr).copied(),
-                })
-                .collect(),
-        })
-        .collect()
-}
+/// How long a change waits for its new backends' next hops before going ahead without them
+/// (they join the table when the lookup finishes in the background).
+const CHANGE_RESOLVE_BUDGET: Duration = Duration::from_millis(300);
 
 fn egress_of(hop: &NextHop) -> Egress {
     Egress {
         ifindex: hop.ifindex,
         src_mac: hop.src_mac,
         dst_mac: hop.dst_mac,
-    }
-}
-
-/// Resolves every backend of `state`. A backend that resolved before and fails now keeps its
-/// last next hop (a neighbour entry flapping must not kill its flows); one that never resolved
-/// stays out of the tables. Either way it is reported.
-async fn resolve_all(
-    resolver: &Resolver,
-    state: &DesiredState,
-    known: &mut BTreeMap<IpAddr, Egress>,
-    failing: &mut BTreeMap<IpAddr, String>,
-) {
-    let mut addrs: Vec<IpAddr> = state
-        .vips
-        .values()
-        .flat_map(|v| v.backends.iter().map(|b| b.addr))
-        .collect();
-    addrs.sort_unstable();
-    addrs.dedup();
-    known.retain(|a, _| addrs.contains(a));
-    failing.retain(|a, _| addrs.contains(a));
-    for addr in addrs {
-        let result = resolver.resolve(addr).await;
-        // Report each failure once, when it starts or its reason changes, not on every retry.
-        let reason = result.as_ref().err().map(ToString::to_string);
-        let newly_failing = match &reason {
-            Some(r) => failing.insert(addr, r.clone()).as_ref() != Some(r),
-            None => failing.remove(&addr).is_some(),
-        };
-        match result {
-            Ok(hop) => {
-                let egress = egress_of(&hop);
-                if known.insert(addr, egress) != Some(egress) {
-                    tracing::info!(backend = %addr, iface = %hop.ifname, gateway = ?hop.gateway,
-                        mac = %mac(hop.dst_mac), "backend next hop resolved");
-                }
-            }
-            Err(_) if !newly_failing => {}
-            Err(e) if known.contains_key(&addr) => {
-                tracing::warn!(backend = %addr, error = %e, "backend next hop unresolved; keeping the last one");
-            }
-            Err(e) => {
-                tracing::error!(backend = %addr, error = %e, "backend next hop unresolved; backend kept out of the tables");
-            }
-        }
     }
 }
 
@@ -126,60 +89,342 @@ fn mac(m: [u8; 6]) -> String {
     )
 }
 
-/// Runs lbd until SIGINT or SIGTERM. The data plane stays pinned and forwarding afterwards.
-pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
-    let mut config = config::load_config(&opts.config_path)?;
-    let mut dp = KernelDataPlane::load(&opts.load)?;
-    dp.set_config(&config.settings.global_config())?;
-    let mut reconciler = Reconciler::adopt(&dp, DEFAULT_QUARANTINE)?;
+type Resolved = Vec<(IpAddr, Result<NextHop, String>)>;
 
-    let resolver = Resolver::new()?;
-    let mut changes = watch_changes().await?;
-    // Start from the next hops the adopted slots hold, so a neighbour entry that is briefly
-    // unusable at restart does not take a backend (and its flows) down.
-    let mut egress = reconciler.installed_egress();
-    let mut failing = BTreeMap::new();
-    resolve_all(&resolver, &config.state, &mut egress, &mut failing).await;
-    reconciler.apply(&mut dp, &plans(&config.state, &egress))?;
+async fn resolve_many(resolver: &Resolver, addrs: Vec<IpAddr>) -> Resolved {
+    let lookups = addrs.iter().map(|a| resolver.resolve(*a));
+    let results = join_all(lookups).await;
+    addrs
+        .into_iter()
+        .zip(results)
+        .map(|(a, r)| (a, r.map_err(|e| e.to_string())))
+        .collect()
+}
 
-    for iface in &opts.ifaces {
-        match dp.attach(iface, opts.mode)? {
-            Attached::Adopted => {
-                tracing::info!(iface, "adopted the pinned link; program replaced in place");
+fn backend_addrs(state: &DesiredState) -> Vec<IpAddr> {
+    let set: BTreeSet<IpAddr> = state
+        .vips
+        .values()
+        .flat_map(|v| v.backends.iter().map(|b| b.addr))
+        .collect();
+    set.into_iter().collect()
+}
+
+/// The agent's loop state.
+struct Agent {
+    opts: AgentOptions,
+    control: Control<KernelDataPlane>,
+    resolver: Arc<Resolver>,
+    /// Backends whose last lookup failed, with the reason (each reported once).
+    failing: BTreeMap<IpAddr, String>,
+    resolved_tx: mpsc::UnboundedSender<Resolved>,
+    /// A background lookup is running; `resolve_again` asks for another when it ends. One at
+    /// a time: an unresolvable backend takes the neighbour timeout, and netlink events come in
+    /// bursts.
+    resolving: bool,
+    resolve_again: bool,
+}
+
+impl Agent {
+    /// Records lookup results for the backends in `wanted`; true when a next hop changed.
+    fn absorb(&mut self, results: Resolved, wanted: &[IpAddr]) -> bool {
+        let mut changed = false;
+        for (addr, result) in results {
+            if !wanted.contains(&addr) {
+                continue;
             }
-            Attached::New => tracing::info!(iface, mode = ?opts.mode, "attached"),
+            match result {
+                Ok(hop) => {
+                    self.failing.remove(&addr);
+                    let egress = egress_of(&hop);
+                    if self.control.egress.insert(addr, egress) != Some(egress) {
+                        changed = true;
+                        tracing::info!(backend = %addr, iface = %hop.ifname, gateway = ?hop.gateway,
+                            mac = %mac(hop.dst_mac), "backend next hop resolved");
+                    }
+                }
+                // A backend that resolved before keeps its last next hop (a neighbour entry
+                // flapping must not kill its flows); one that never resolved stays out of the
+                // tables. Either way it is reported once, when the reason changes.
+                Err(reason) => {
+                    if self.failing.insert(addr, reason.clone()).as_ref() == Some(&reason) {
+                        continue;
+                    }
+                    if self.control.egress.contains_key(&addr) {
+                        tracing::warn!(backend = %addr, error = %reason, "backend next hop unresolved; keeping the last one");
+                    } else {
+                        tracing::error!(backend = %addr, error = %reason, "backend next hop unresolved; backend kept out of the tables");
+                    }
+                }
+            }
+        }
+        self.control.egress.retain(|a, _| wanted.contains(a));
+        self.failing.retain(|a, _| wanted.contains(a));
+        changed
+    }
+
+    /// Looks up every backend in the background; the results come back through `resolved_tx`.
+    fn resolve_in_background(&mut self) {
+        if self.resolving {
+            self.resolve_again = true;
+            return;
+        }
+        let addrs = backend_addrs(self.control.state());
+        if addrs.is_empty() {
+            return;
+        }
+        self.resolving = true;
+        let resolver = self.resolver.clone();
+        let tx = self.resolved_tx.clone();
+        tokio::spawn(async move {
+            // The agent may be stopping; then nobody needs the answer.
+            let _ = tx.send(resolve_many(&resolver, addrs).await);
+        });
+    }
+
+    fn reconcile(&mut self) {
+        if let Err(e) = self.control.reconcile() {
+            tracing::error!(error = %e, "reconcile failed; will retry");
         }
     }
-    tracing::info!(vips = config.state.vips.len(), pins = %dp.pin_dir().display(), "lbd running");
 
+    /// Resolves a request's new backends (briefly), then commits it.
+    async fn commit(&mut self, pending: Pending) -> Result<api::proto::ChangeReply, ApiError> {
+        let new: Vec<IpAddr> = pending
+            .backend_addrs()
+            .into_iter()
+            .filter(|a| !self.control.egress.contains_key(a))
+            .collect();
+        if !new.is_empty() && !pending.is_dry_run() {
+            // Resolved neighbours answer in microseconds; a missing one takes the neighbour
+            // timeout, and the request does not wait that long.
+            match tokio::time::timeout(
+                CHANGE_RESOLVE_BUDGET,
+                resolve_many(&self.resolver, new.clone()),
+            )
+            .await
+            {
+                    Ok(results) => {
+                    let mut wanted = backend_addrs(self.control.state());
+                    wanted.extend(new);
+                    self.absorb(results, &wanted);
+                }
+                // Committed without them; they join when the lookup ends.
+                Err(_) => self.resolve_in_background(),
+            }
+        }
+        self.commit_now(pending)
+    }
+
+    fn commit_now(&mut self, pending: Pending) -> Result<api::proto::ChangeReply, ApiError> {
+        let reply = self.control.commit(pending);
+        match &reply {
+            Ok(r) if r.applied => {
+                for change in &r.changes {
+                    tracing::info!(change = %change, "change applied");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::info!(error = %e, "change refused"),
+        }
+        reply
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::State(reply) => {
+                let _ = reply.send(self.control.state_reply());
+            }
+            Command::Change { request, reply } => {
+                let result = match self.control.prepare_changes(request) {
+                    Ok(pending) => self.commit(pending).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Apply { request, reply } => {
+                let result = match self.control.prepare_apply(request) {
+                    Ok(pending) => self.commit(pending).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Status {
+                idle_timeout,
+                reply,
+            } => {
+                let template = self.control.status_template(idle_timeout.as_secs());
+                self.count_flows(idle_timeout, reply, move |counts| template.fill(counts));
+            }
+            Command::Flows {
+                vip,
+                backend,
+                idle_timeout,
+                reply,
+            } => match self.control.flow_key(&vip, backend) {
+                Ok(key) => self.count_flows(idle_timeout, reply, move |counts| {
+                    counts.get(&key).copied().unwrap_or(0)
+                }),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+        }
+    }
+
+    /// Scans the flow table on a blocking thread and answers with `finish(counts)`.
+    fn count_flows<T: Send + 'static>(
+        &self,
+        idle_timeout: Duration,
+        reply: oneshot::Sender<Result<T, ApiError>>,
+        finish: impl FnOnce(&std::collections::HashMap<(u32, u32), u64>) -> T + Send + 'static,
+    ) {
+        let table = self.control.dp().flow_table();
+        tokio::task::spawn_blocking(move || {
+            let counts = flows::count_live(
+                &*table,
+                flows::now_tick(),
+                flows::idle_ticks(idle_timeout),
+            );
+            let result = counts
+                .map(|c| finish(&c))
+                .map_err(|e| ApiError::new(ErrorKind::Internal, format!("flow table: {e}")));
+            let _ = reply.send(result);
+        });
+    }
+
+    fn reload(&mut self) {
+        match load_config(&self.opts.config_path) {
+            Ok(new) => {
+                tracing::info!(path = %self.opts.config_path.display(), "config reloaded");
+                warn_if_vips_differ(&new, self.control.state());
+                self.control.settings = new.settings;
+                let global = new.settings.global_config();
+                if let Err(e) = self.control.dp_mut().set_config(&global) {
+                    tracing::error!(error = %e, "writing the reloaded settings failed");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config reload rejected; keeping the running config");
+            }
+        }
+    }
+}
+
+/// The config file, or the defaults when there is none.
+fn load_config(path: &std::path::Path) -> Result<Config, config::ConfigError> {
+    if !path.exists() {
+        tracing::info!(path = %path.display(), "no config file; using the default settings");
+        return Ok(Config::default());
+    }
+    config::load_config(path)
+}
+
+fn warn_if_vips_differ(config: &Config, running: &DesiredState) {
+    if !config.state.vips.is_empty() && config.state != *running {
+        tracing::warn!(
+            "the config file's [[vip]] list differs from the saved state and is ignored: the \
+             state file holds the running VIPs (use `lbctl apply -f` to apply a file)"
+        );
+    }
+}
+
+/// Runs lbd until SIGINT or SIGTERM. The data plane stays pinned and forwarding afterwards.
+pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    // Handlers first: a SIGHUP (systemctl reload) or SIGTERM during start-up must not kill lbd
+    // by the default action halfway through adopting the data plane.
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
-    let mut tick = tokio::time::interval(opts.resolve_interval);
+    let config = load_config(&opts.config_path)?;
+    let store = StateStore::new(&opts.state_path);
+    let state = if let Some(saved) = store.load()? {
+        tracing::info!(path = %store.path().display(), vips = saved.vips.len(), "restored the saved state");
+        warn_if_vips_differ(&config, &saved);
+        saved
+    } else {
+        tracing::info!(path = %store.path().display(), vips = config.state.vips.len(),
+            "no saved state; starting from the config file");
+        store.save(&config.state)?;
+        config.state.clone()
+    };
+    // The socket first: a bad socket path stops lbd before it touches the data plane.
+    let listener = api::server::bind(&opts.socket, opts.socket_group.as_deref())?;
+
+    let mut dp = KernelDataPlane::load(&opts.load)?;
+    dp.set_config(&config.settings.global_config())?;
+    let reconciler = Reconciler::adopt(&dp, DEFAULT_QUARANTINE)?;
+    // Start from the next hops the adopted slots hold, so a neighbour entry that is briefly
+    // unusable at restart does not take a backend (and its flows) down.
+    let egress = reconciler.installed_egress();
+    let control = Control::new(config.settings, state, store, dp, reconciler, egress);
+
+    let resolver = Arc::new(Resolver::new()?);
+    let mut netlink_changes = watch_changes().await?;
+    let (resolved_tx, mut resolved_rx) = mpsc::unbounded_channel();
+    let mut agent = Agent {
+        opts,
+        control,
+        resolver,
+        failing: BTreeMap::new(),
+        resolved_tx,
+        resolving: false,
+        resolve_again: false,
+    };
+    let addrs = backend_addrs(agent.control.state());
+    let first = resolve_many(&agent.resolver, addrs.clone()).await;
+    agent.absorb(first, &addrs);
+    agent.control.reconcile()?;
+
+    for iface in &agent.opts.ifaces {
+        match agent.control.dp_mut().attach(iface, agent.opts.mode)? {
+            Attached::Adopted => {
+                tracing::info!(iface, "adopted the pinned link; program replaced in place");
+            }
+            Attached::New => tracing::info!(iface, mode = ?agent.opts.mode, "attached"),
+        }
+    }
+
+    let (commands_tx, mut commands) = mpsc::channel(64);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(api::server::serve(listener, commands_tx, async move {
+        let _ = stop_rx.await;
+    }));
+    tracing::info!(vips = agent.control.state().vips.len(), pins = %agent.control.dp().pin_dir().display(),
+        socket = %agent.opts.socket.display(), "lbd running");
+
+    let mut tick = tokio::time::interval(agent.opts.resolve_interval);
     tick.tick().await;
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = sighup.recv() => match config::load_config(&opts.config_path) {
-                Ok(new) => {
-                    tracing::info!(path = %opts.config_path.display(), "config reloaded");
-                    config = new;
-                    dp.set_config(&config.settings.global_config())?;
+            _ = sighup.recv() => agent.reload(),
+            Some(command) = commands.recv() => agent.handle(command).await,
+            Some(results) = resolved_rx.recv() => {
+                agent.resolving = false;
+                let wanted = backend_addrs(agent.control.state());
+                if agent.absorb(results, &wanted) {
+                    agent.reconcile();
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "config reload rejected; keeping the running config");
-                    continue;
+                if std::mem::take(&mut agent.resolve_again) {
+                    agent.resolve_in_background();
                 }
-            },
-            Some(()) = changes.next() => tracing::debug!("routes or neighbours changed"),
-            _ = tick.tick() => {}
-        }
-        resolve_all(&resolver, &config.state, &mut egress, &mut failing).await;
-        if let Err(e) = reconciler.apply(&mut dp, &plans(&config.state, &egress)) {
-            tracing::error!(error = %e, "reconcile failed; will retry");
+            }
+            Some(()) = netlink_changes.next() => {
+                tracing::debug!("routes or neighbours changed");
+                agent.resolve_in_background();
+            }
+            _ = tick.tick() => {
+                agent.resolve_in_background();
+                // Also retries a failed write and releases quarantined slots and regions.
+                agent.reconcile();
+            }
         }
     }
     tracing::info!("lbd stopping; the data plane stays pinned and forwarding");
+    let _ = stop_tx.send(());
+    // Requests in flight get their answer or a closed connection; either is fine at exit.
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     Ok(())
 }

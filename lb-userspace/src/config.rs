@@ -146,7 +146,8 @@ struct File {
 
 #[derive(Serialize)]
 struct FileRef<'a> {
-    settings: &'a Settings,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    settings: Option<&'a Settings>,
     vip: Vec<&'a VipSpec>,
 }
 
@@ -202,12 +203,31 @@ impl Config {
     /// The configuration as a file that [`parse_config`] reads back to the same value, with
     /// every default written out.
     pub fn to_toml(&self) -> String {
-        let file = FileRef {
-            settings: &self.settings,
+        render(&FileRef {
+            settings: Some(&self.settings),
             vip: self.state.vips.values().collect(),
-        };
+        })
+    }
+}
+
+/// The VIP list alone, as the state file holds it; [`parse_state`] reads it back.
+pub fn state_to_toml(state: &DesiredState) -> String {
+    render(&FileRef {
+        settings: None,
+        vip: state.vips.values().collect(),
+    })
+}
+
+/// Parses and validates a VIP list without `[settings]` (the state file's content).
+pub fn parse_state(text: &str) -> Result<DesiredState, ConfigError> {
+    // DesiredState's serde form is the `[[vip]]` list; deserializing validates.
+    toml::from_str(text).map_err(ConfigError::Syntax)
+}
+
+fn render(file: &FileRef<'_>) -> String {
+    {
         // Strings, integers and tables only: always representable in TOML.
-        let text = toml::to_string(&file).expect("a Config always serializes");
+        let text = toml::to_string(file).expect("a Config always serializes");
         let mut doc: toml_edit::DocumentMut = text.parse().expect("toml reads its own output");
         // One inline table per backend, as in the example file, rather than a
         // `[[vip.backends]]` block of three lines each.

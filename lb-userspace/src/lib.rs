@@ -4,12 +4,15 @@ pub mod agent;
 pub mod api;
 pub mod change;
 pub mod config;
+pub mod control;
 pub mod dataplane;
+pub mod flows;
 pub mod maglev;
 pub mod model;
 pub mod nexthop;
 pub mod reconcile;
 pub mod ring_pool;
+pub mod store;
 
 /// The gateway's eBPF object: program `lb_xdp` and every `LB_*` map except `LB_DECAP_VIPS`.
 pub fn lb_object() -> &'static [u8] {

@@ -1,8 +1,9 @@
 //! Brings the data plane from what is installed to what is wanted with the smallest change, in
 //! an order that never breaks a flow: backend slots are written before any table names them, a
-//! VIP's table is swapped in one map update, and slots and table regions are freed only after
-//! nothing points at them (and after a quarantine, so a packet that read the old table a moment
-//! ago still finds what it expects).
+//! VIP's table is swapped in one map update, and a slot is let go only once no installed table
+//! names it. Even then it is first only retired (a new generation, so pinned flows re-hash, but
+//! still forwarding for a packet that read the old table a moment ago); it is written free and
+//! reused, like an old table region, only after a quarantine.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,8 +14,8 @@ use std::{
 use lb_common::{
     BackendSlot, VipKey, VipMeta,
     keys::{
-        ENCAP_IPIP, RING_EMPTY, SLOT_ACTIVE, SLOT_DOWN, SLOT_DRAINING, SLOT_FREE, ip_from_wire,
-        wire_addr,
+        ENCAP_IPIP, RING_EMPTY, SLOT_ACTIVE, SLOT_DOWN, SLOT_DRAINING, SLOT_FREE, SLOT_RETIRED,
+        ip_from_wire, wire_addr,
     },
     maps::MAX_VIPS,
 };
@@ -164,6 +165,34 @@ fn build_table(plan: &VipPlan, slots: &[(IpAddr, u32, BackendSlot)]) -> Vec<u32>
         .collect()
 }
 
+/// The slots a VIP owns, by address: in use and carrying its id. When two slots carry the same
+/// address (a change interrupted half-way), the one its table names wins, else the first; the
+/// other is left to be freed as an orphan.
+fn owned_slots(
+    slots: &[BackendSlot],
+    vip_id: u32,
+    table: &[u32],
+) -> BTreeMap<IpAddr, InstalledBackend> {
+    let mut owned: BTreeMap<IpAddr, InstalledBackend> = BTreeMap::new();
+    for (i, s) in slots.iter().enumerate() {
+        if s.state == SLOT_FREE || s.state == SLOT_RETIRED || s.vip_id != vip_id {
+            continue;
+        }
+        let Some(addr) = ip_from_wire(s.addr, s.family) else {
+            continue;
+        };
+        let slot = i as u32;
+        let named = |slot: u32| table.contains(&slot);
+        if owned
+            .get(&addr)
+            .is_none_or(|kept| !named(kept.slot) && named(slot))
+        {
+            owned.insert(addr, InstalledBackend { slot, value: *s });
+        }
+    }
+    owned
+}
+
 /// What reconcile believes is in the maps. Rebuilt from the maps themselves when lbd adopts a
 /// running data plane, so nothing needs to be saved for it.
 #[derive(Clone, Debug)]
@@ -171,8 +200,11 @@ pub struct Reconciler {
     vips: BTreeMap<VipKey, InstalledVip>,
     /// Every slot's last written value (free slots keep their generation).
     slots: Vec<BackendSlot>,
-    /// Freed slots and when they were freed.
+    /// Retired slots (not yet written free) and when they were retired.
     slot_quarantine: BTreeMap<u32, Instant>,
+    /// Slots in use that no installed VIP owns (an lbd killed in the middle of a change can
+    /// leave them); the next apply frees them.
+    orphans: BTreeSet<u32>,
     rings: RingPool,
     tx_ports: BTreeSet<u32>,
     quarantine: Duration,
@@ -183,7 +215,9 @@ pub struct Reconciler {
 pub const DEFAULT_QUARANTINE: Duration = Duration::from_secs(1);
 
 impl Reconciler {
-    /// Reads back what a data plane holds (empty on a fresh one).
+    /// Reads back what a data plane holds (empty on a fresh one). Table regions that no VIP
+    /// names are left free; slots in use that no VIP owns are recorded as orphans for the next
+    /// apply to free (adopting only reads).
     pub fn adopt(dp: &impl DataPlane, quarantine: Duration) -> Result<Self, ReconcileError> {
         let slots = dp.backends()?;
         let mut rings = RingPool::new(dp.ring_pool_size());
@@ -200,22 +234,7 @@ impl Reconciler {
                 }
                 None => Vec::new(),
             };
-            let backends = slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.state != SLOT_FREE && s.vip_id == meta.vip_id)
-                .filter_map(|(i, s)| {
-                    ip_from_wire(s.addr, s.family).map(|addr| {
-                        (
-                            addr,
-                            InstalledBackend {
-                                slot: i as u32,
-                                value: *s,
-                            },
-                        )
-                    })
-                })
-                .collect();
+            let backends = owned_slots(&slots, meta.vip_id, &table);
             vips.insert(
                 key,
                 InstalledVip {
@@ -226,10 +245,33 @@ impl Reconciler {
                 },
             );
         }
+        let owned: BTreeSet<u32> = vips
+            .values()
+            .flat_map(|v| v.backends.values().map(|b| b.slot))
+            .collect();
+        let orphans: BTreeSet<u32> = (0..slots.len() as u32)
+            .filter(|i| {
+                let state = slots[*i as usize].state;
+                state != SLOT_FREE && state != SLOT_RETIRED && !owned.contains(i)
+            })
+            .collect();
+        // Retired by an earlier lbd: quarantined afresh, since when they were retired is lost.
+        let now = Instant::now();
+        let slot_quarantine = (0..slots.len() as u32)
+            .filter(|i| slots[*i as usize].state == SLOT_RETIRED)
+            .map(|i| (i, now))
+            .collect();
+        if !orphans.is_empty() {
+            tracing::warn!(
+                count = orphans.len(),
+                "backend slots in use that no VIP owns; the next change frees them"
+            );
+        }
         Ok(Self {
             vips,
             slots,
-            slot_quarantine: BTreeMap::new(),
+            slot_quarantine,
+            orphans,
             rings,
             tx_ports: BTreeSet::new(),
             quarantine,
@@ -274,21 +316,24 @@ impl Reconciler {
         self.release_quarantined(Instant::now());
         let wanted: BTreeSet<VipKey> = plans.iter().map(|p| p.key).collect();
         let gone = keys_not_in(&self.vips, &wanted);
-        self.prepare(plans, &gone).map(drop)
+        self.prepare(plans, &gone, Instant::now()).map(drop)
     }
 
     /// Applies `plans` (the complete wanted set of VIPs). Everything that can fail for lack of
-    /// room is decided before the first write, so such an error leaves the data plane untouched.
+    /// room is decided before the first write of the change, so such an error leaves the VIPs
+    /// and their backends untouched (only retired slots past their quarantine may have been
+    /// written free, which no packet can tell).
     pub fn apply(
         &mut self,
         dp: &mut impl DataPlane,
         plans: &[VipPlan],
     ) -> Result<(), ReconcileError> {
         let now = Instant::now();
+        self.free_retired(dp, now)?;
         self.release_quarantined(now);
         let wanted: BTreeSet<VipKey> = plans.iter().map(|p| p.key).collect();
         let gone = keys_not_in(&self.vips, &wanted);
-        let prepared = self.prepare(plans, &gone)?;
+        let prepared = self.prepare(plans, &gone, now)?;
 
         // Removed VIPs first: their map entries and ids make room for new ones.
         for key in &gone {
@@ -299,22 +344,50 @@ impl Reconciler {
             self.apply_vip(dp, vip, now)?;
         }
         self.sync_vip_addrs(dp)?;
+        self.free_orphans(dp, now)
+    }
+
+    /// Frees the orphan slots no installed table names any more (a table that named one was
+    /// swapped for one without it by the VIP's apply, which ran first).
+    fn free_orphans(
+        &mut self,
+        dp: &mut impl DataPlane,
+        now: Instant,
+    ) -> Result<(), ReconcileError> {
+        if self.orphans.is_empty() {
+            return Ok(());
+        }
+        let named: BTreeSet<u32> = self
+            .vips
+            .values()
+            .flat_map(|v| v.table.iter().copied())
+            .collect();
+        let ready: Vec<u32> = self
+            .orphans
+            .iter()
+            .copied()
+            .filter(|s| !named.contains(s))
+            .collect();
+        for slot in ready {
+            self.free_slot(dp, slot, now)?;
+            self.orphans.remove(&slot);
+        }
         Ok(())
     }
 
     fn release_quarantined(&mut self, now: Instant) {
         let q = self.quarantine;
-        self.slot_quarantine
-            .retain(|_, freed| now.duration_since(*freed) < q);
         self.rings.release_quarantined(now, q);
     }
 
     /// Decides every slot, VIP id and table, and which VIPs need a new table region, checking
-    /// each against what is free. Writes nothing.
+    /// each against what is free. A slot is free when it is FREE and not retired, or was retired
+    /// a quarantine before `now` (even if not yet written free). Writes nothing.
     fn prepare<'p>(
         &self,
         plans: &'p [VipPlan],
         gone: &[VipKey],
+        now: Instant,
     ) -> Result<Vec<PreparedVip<'p>>, ReconcileError> {
         if plans.len() > MAX_VIPS as usize {
             return Err(ReconcileError::TooManyVips { max: MAX_VIPS });
@@ -325,10 +398,13 @@ impl Reconciler {
             .filter(|(k, _)| !gone.contains(k))
             .map(|(_, v)| v.meta.vip_id)
             .collect();
-        // Slots freed by this change go to quarantine first, so they do not count as free.
+        // Retired slots are free once their quarantine has passed (apply writes them FREE
+        // before it gets here; check counts them as apply will).
+        let q = self.quarantine;
         let free: Vec<u32> = (0..self.slots.len() as u32)
-            .filter(|i| {
-                self.slots[*i as usize].state == SLOT_FREE && !self.slot_quarantine.contains_key(i)
+            .filter(|i| match self.slot_quarantine.get(i) {
+                Some(retired) => now.duration_since(*retired) >= q,
+                None => self.slots[*i as usize].state == SLOT_FREE,
             })
             .collect();
         let needed = plans
@@ -528,21 +604,55 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Retires a slot that no installed table names any more: `SLOT_RETIRED` under a new
+    /// generation, the rest unchanged. [`Self::free_retired`] writes it free once the quarantine has passed; until
+    /// then no new backend gets it.
     fn free_slot(
         &mut self,
         dp: &mut impl DataPlane,
         slot: u32,
         now: Instant,
     ) -> Result<(), ReconcileError> {
-        // A new generation makes every flow still pinned to this slot miss and re-hash.
+        // A new generation (and a state that keeps no flows) makes every flow still pinned to
+        // this slot miss and re-hash; the rest stays, so a packet that read an older table
+        // still forwards. Written FREE once
+        // the quarantine has passed (free_retired).
         let old = self.slots[slot as usize];
-        let freed = BackendSlot {
+        let retired = BackendSlot {
+            state: SLOT_RETIRED,
             generation: old.generation.wrapping_add(1),
-            ..BackendSlot::default()
+            ..old
         };
-        dp.set_backend(slot, &freed)?;
-        self.slots[slot as usize] = freed;
+        dp.set_backend(slot, &retired)?;
+        self.slots[slot as usize] = retired;
         self.slot_quarantine.insert(slot, now);
+        Ok(())
+    }
+
+    /// Writes FREE (with a new generation) into the slots retired a quarantine ago. Runs at the
+    /// start of `apply`, so a slot is written free by a later apply than the one that retired it
+    /// (lbd applies on every resolve tick, so that is soon after the quarantine).
+    fn free_retired(
+        &mut self,
+        dp: &mut impl DataPlane,
+        now: Instant,
+    ) -> Result<(), ReconcileError> {
+        let q = self.quarantine;
+        let expired: Vec<u32> = self
+            .slot_quarantine
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= q)
+            .map(|(s, _)| *s)
+            .collect();
+        for slot in expired {
+            let freed = BackendSlot {
+                generation: self.slots[slot as usize].generation.wrapping_add(1),
+                ..BackendSlot::default()
+            };
+            dp.set_backend(slot, &freed)?;
+            self.slots[slot as usize] = freed;
+            self.slot_quarantine.remove(&slot);
+        }
         Ok(())
     }
 
@@ -552,17 +662,22 @@ impl Reconciler {
         key: &VipKey,
         now: Instant,
     ) -> Result<(), ReconcileError> {
-        let Some(vip) = self.vips.get(key).cloned() else {
+        // Each step is recorded as it succeeds, so an apply that fails half-way is finished by
+        // the next one without deleting the VIP or retiring a slot twice.
+        let Some(vip) = self.vips.get_mut(key) else {
             return Ok(());
         };
-        if vip.region.is_some() {
-            dp.del_vip(key)?;
-        }
-        for b in vip.backends.values() {
-            self.free_slot(dp, b.slot, now)?;
-        }
         if let Some(region) = vip.region {
+            dp.del_vip(key)?;
+            vip.region = None;
             self.rings.free(region, now);
+        }
+        let backends: Vec<(IpAddr, u32)> = vip.backends.iter().map(|(a, b)| (*a, b.slot)).collect();
+        for (addr, slot) in backends {
+            self.free_slot(dp, slot, now)?;
+            if let Some(vip) = self.vips.get_mut(key) {
+                vip.backends.remove(&addr);
+            }
         }
         self.vips.remove(key);
         Ok(())

@@ -1,23 +1,46 @@
 //! The load balancer inside a test topology: lbd started on a gateway with a generated config,
-//! `lb_decap` on every backend, and `xdp_pass` on the veth peers native XDP needs. Everything is
-//! undone on drop: processes stopped, programs detached, pins removed.
+//! its own control socket and state file, `lb_decap` on every backend, and `xdp_pass` on the
+//! veth peers native XDP needs; and a read-only view of lbd's pinned maps. Everything is undone
+//! on drop: processes stopped, programs detached, pins, socket and state removed.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     fs,
     net::IpAddr,
-    path::PathBuf,
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    path::{Path, PathBuf},
     process::Stdio,
+    sync::Once,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use lb_userspace::dataplane::{
-    decap::{DecapHandle, attach_decap, attach_pass},
-    kernel::AttachMode,
+use aya::maps::{Array, HashMap, Map, MapData};
+use lb_common::{
+    BackendSlot, VipKey, VipMeta,
+    keys::{RING_EMPTY, SLOT_ACTIVE, ip_from_wire},
+    maps,
+};
+use lb_userspace::{
+    api::client::Client,
+    dataplane::{
+        decap::{DecapHandle, attach_decap, attach_pass},
+        kernel::AttachMode,
+    },
 };
 
-use crate::netns::{Netns, topology::Topology};
+use crate::{
+    lbctl::{Lbctl, run_bounded},
+    netns::{Netns, topology::Topology},
+};
+
+/// Per-lbd folders for the control socket and the state file (outside /tmp, like /run/lb).
+const RUN_ROOT: &str = "/run/lb-test";
+/// How long lbd gets to become ready (maps, links and socket).
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long `lbd upgrade` may take.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A built binary of the workspace, next to the running executable (target/<profile>/, or its
 /// parent when this is a test in target/<profile>/deps/).
@@ -42,6 +65,8 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
 pub struct VipConfig {
     /// `10.200.0.100:80/tcp`.
     pub address: String,
+    /// Maglev table size; lbd's default when `None`.
+    pub ring_size: Option<u32>,
     pub backends: Vec<(IpAddr, u32)>,
 }
 
@@ -50,6 +75,7 @@ impl VipConfig {
     pub fn for_topology(topo: &Topology, port: u16) -> Self {
         Self {
             address: format!("{}:{port}/tcp", topo.vip),
+            ring_size: None,
             backends: topo
                 .backends
                 .iter()
@@ -63,7 +89,11 @@ impl VipConfig {
 pub fn render_config(vips: &[VipConfig]) -> String {
     let mut out = String::new();
     for vip in vips {
-        let _ = writeln!(out, "[[vip]]\naddress = \"{}\"\nbackends = [", vip.address);
+        let _ = writeln!(out, "[[vip]]\naddress = \"{}\"", vip.address);
+        if let Some(size) = vip.ring_size {
+            let _ = writeln!(out, "ring_size = {size}");
+        }
+        out.push_str("backends = [\n");
         for (addr, weight) in &vip.backends {
             let _ = writeln!(out, "  {{ address = \"{addr}\", weight = {weight} }},");
         }
@@ -72,33 +102,86 @@ pub fn render_config(vips: &[VipConfig]) -> String {
     out
 }
 
-/// A running lbd in a namespace.
+/// Data-plane sizes lbd is started with (used when its maps are first created).
+#[derive(Clone, Copy, Debug)]
+pub struct LbdOptions {
+    pub flow_table_size: u32,
+    /// Maglev table pool in entries: room for `ring_pool / ring_size` tables, live or in their
+    /// one-second quarantine after a swap.
+    pub ring_pool: u32,
+}
+
+impl Default for LbdOptions {
+    /// Small enough for many test lbds at once: 65,536 flows, 16 default-size tables.
+    fn default() -> Self {
+        Self {
+            flow_table_size: 65_536,
+            ring_pool: 1 << 20,
+        }
+    }
+}
+
+/// A running lbd in a namespace, with its own control socket and state file.
 pub struct Lbd<'a> {
     ns: &'a Netns,
     pid: Option<u32>,
     pub pin_dir: PathBuf,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    /// Holds the control socket and the state file; removed on drop.
+    pub run_dir: PathBuf,
+    /// `--socket`: `<run_dir>/lbd.sock`.
+    pub socket_path: PathBuf,
+    /// `--state`: `<run_dir>/state.toml`.
+    pub state_path: PathBuf,
     ifaces: Vec<String>,
     mode: AttachMode,
+    options: LbdOptions,
 }
 
 impl<'a> Lbd<'a> {
-    /// Starts lbd on `ifaces` of `ns` and waits until every interface has its pinned link.
+    /// Starts lbd on `ifaces` of `ns` and waits until every interface has its pinned link and
+    /// the control socket answers.
     pub fn start(ns: &'a Netns, ifaces: &[&str], mode: AttachMode, config: &str) -> Result<Self> {
+        Self::start_with(ns, ifaces, mode, config, LbdOptions::default())
+    }
+
+    /// [`Lbd::start`] with other data-plane sizes.
+    pub fn start_with(
+        ns: &'a Netns,
+        ifaces: &[&str],
+        mode: AttachMode,
+        config: &str,
+        options: LbdOptions,
+    ) -> Result<Self> {
+        STALE_CLEANUP.call_once(cleanup_stale);
         let tag = ns.name().to_owned();
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{tag}"));
         let config_path = std::env::temp_dir().join(format!("{tag}-lb.toml"));
         let log_path = std::env::temp_dir().join(format!("{tag}-lbd.log"));
+        let run_dir = Path::new(RUN_ROOT).join(&tag);
         fs::write(&config_path, config).context("writing lbd config")?;
+        // A leftover from a crashed run of the same name would hand lbd someone else's state.
+        if run_dir.exists() {
+            fs::remove_dir_all(&run_dir)
+                .with_context(|| format!("removing stale {}", run_dir.display()))?;
+        }
+        fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        // Others may traverse it: the socket's own mode is what keeps them out.
+        fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("chmod {}", run_dir.display()))?;
         let mut lbd = Self {
             ns,
             pid: None,
             pin_dir,
             config_path,
             log_path,
+            socket_path: run_dir.join("lbd.sock"),
+            state_path: run_dir.join("state.toml"),
+            run_dir,
             ifaces: ifaces.iter().map(|s| (*s).to_owned()).collect(),
             mode,
+            options,
         };
         lbd.spawn()?;
         Ok(lbd)
@@ -110,14 +193,24 @@ impl<'a> Lbd<'a> {
             .append(true)
             .open(&self.log_path)
             .context("opening lbd log")?;
+        // Readiness is judged on what this run logs, not on an earlier run's lines.
+        let log_start = log.metadata().map_or(0, |m| m.len()) as usize;
         let mut cmd = self.ns.command(workspace_bin("lbd")?);
         cmd.arg("--config")
             .arg(&self.config_path)
             .arg("--bpffs")
             .arg(&self.pin_dir)
-            .args(["--flow-table-size", "65536", "--ring-pool", "1048576"])
+            .arg("--socket")
+            .arg(&self.socket_path)
+            .arg("--state")
+            .arg(&self.state_path)
+            .arg("--flow-table-size")
+            .arg(self.options.flow_table_size.to_string())
+            .arg("--ring-pool")
+            .arg(self.options.ring_pool.to_string())
             .args(["--xdp-mode", mode_name(self.mode)])
             .env("RUST_LOG", "info,lb_userspace=debug")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log);
         for iface in &self.ifaces {
@@ -126,27 +219,57 @@ impl<'a> Lbd<'a> {
         let started = Instant::now();
         let pid = self.ns.spawn(cmd)?;
         self.pid = Some(pid);
-        // Ready once every interface has its link pinned (attach comes after the maps are full).
-        while !self
-            .ifaces
-            .iter()
-            .all(|i| self.pin_dir.join("links").join(i).exists())
-            || !self.log().contains("lbd running")
-        {
+        // Ready once every interface has its link pinned (attach comes after the maps are
+        // full) and the control socket accepts connections.
+        loop {
+            let links = self
+                .ifaces
+                .iter()
+                .all(|i| self.pin_dir.join("links").join(i).exists());
+            if links
+                && self
+                    .log()
+                    .get(log_start..)
+                    .unwrap_or("")
+                    .contains("lbd running")
+                && UnixStream::connect(&self.socket_path).is_ok()
+            {
+                return Ok(());
+            }
             if let Some(status) = self.ns.try_wait(pid)? {
+                self.pid = None;
                 bail!("lbd exited early ({status}):\n{}", self.log());
             }
-            if started.elapsed() > Duration::from_secs(20) {
-                bail!("lbd not ready after 20 s:\n{}", self.log());
+            if started.elapsed() > READY_TIMEOUT {
+                bail!("lbd not ready after {READY_TIMEOUT:?}:\n{}", self.log());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(())
     }
 
-    /// What lbd has logged so far.
+    /// What lbd has logged so far (every run of it).
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The running lbd's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// lbctl on this lbd's socket.
+    pub fn lbctl(&self) -> Result<Lbctl> {
+        Lbctl::new(&self.socket_path)
+    }
+
+    /// An in-process API client on this lbd's socket.
+    pub fn client(&self) -> Client {
+        Client::new(&self.socket_path)
+    }
+
+    /// A read-only view of the pinned maps.
+    pub fn maps(&self) -> Result<PinnedMaps> {
+        PinnedMaps::open(&self.pin_dir)
     }
 
     /// SIGKILL, as a crash would.
@@ -157,10 +280,31 @@ impl<'a> Lbd<'a> {
         Ok(())
     }
 
-    /// Starts lbd again with the same arguments (it adopts the pins).
+    /// Starts lbd again with the same arguments (it adopts the pins and reads the state file)
+    /// and waits until it is ready.
     pub fn restart(&mut self) -> Result<()> {
         self.kill()?;
         self.spawn()
+    }
+
+    /// `lbd upgrade --bpffs <pin_dir>` in the namespace: replaces the program in every pinned
+    /// link with this build's. Fails unless it exits 0; returns its stderr (its log).
+    pub fn upgrade(&self) -> Result<String> {
+        let mut cmd = self.ns.command(workspace_bin("lbd")?);
+        cmd.arg("upgrade")
+            .arg("--bpffs")
+            .arg(&self.pin_dir)
+            .env("RUST_LOG", "info");
+        let args = vec![
+            "upgrade".to_owned(),
+            "--bpffs".to_owned(),
+            self.pin_dir.display().to_string(),
+        ];
+        let run = run_bounded(cmd, args, UPGRADE_TIMEOUT)?;
+        if !run.success() {
+            bail!("lbd upgrade: {}\nstderr: {}", run.status, run.stderr);
+        }
+        Ok(run.stderr)
     }
 }
 
@@ -173,6 +317,178 @@ impl Drop for Lbd<'_> {
         // namespace's interfaces go away with the topology anyway).
         let _ = fs::remove_dir_all(&self.pin_dir);
         let _ = fs::remove_file(&self.config_path);
+        let _ = fs::remove_dir_all(&self.run_dir);
+        // A failed test keeps the log for a post-mortem.
+        if !std::thread::panicking() {
+            let _ = fs::remove_file(&self.log_path);
+        }
+    }
+}
+
+static STALE_CLEANUP: Once = Once::new();
+
+/// Removes the pins and run folders of test processes that died without cleaning up (named
+/// after their namespaces, `lbt-<pid>-...`).
+fn cleanup_stale() {
+    for root in ["/sys/fs/bpf", RUN_ROOT] {
+        let Ok(entries) = fs::read_dir(root) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("lbt-"))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists()
+                && let Err(e) = fs::remove_dir_all(entry.path())
+            {
+                eprintln!("removing stale {}: {e}", entry.path().display());
+            }
+        }
+    }
+}
+
+/// lbd's pinned maps, opened read-only from the test: what the data plane really holds.
+pub struct PinnedMaps {
+    vips: HashMap<MapData, VipKey, VipMeta>,
+    rings: Array<MapData, u32>,
+    backends: Array<MapData, BackendSlot>,
+}
+
+/// Everything a reconfiguration could touch, for before/after comparisons.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapSnapshot {
+    pub vips: BTreeMap<VipKey, VipMeta>,
+    /// Each VIP's table, read through its `VipMeta`.
+    pub rings: BTreeMap<VipKey, Vec<u32>>,
+    /// Every slot, free ones included.
+    pub backends: Vec<BackendSlot>,
+}
+
+impl PinnedMaps {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let open = |name: &str| -> Result<Map> {
+            let path = pin_dir.join("maps").join(name);
+            let data =
+                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            Map::from_map_data(data).with_context(|| format!("map {name}"))
+        };
+        Ok(Self {
+            vips: HashMap::try_from(open(maps::VIPS)?).context("LB_VIPS")?,
+            rings: Array::try_from(open(maps::RINGS)?).context("LB_RINGS")?,
+            backends: Array::try_from(open(maps::BACKENDS)?).context("LB_BACKENDS")?,
+        })
+    }
+
+    pub fn vips(&self) -> Result<BTreeMap<VipKey, VipMeta>> {
+        self.vips
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading LB_VIPS")
+    }
+
+    pub fn vip(&self, key: &VipKey) -> Result<Option<VipMeta>> {
+        match self.vips.get(key, 0) {
+            Ok(meta) => Ok(Some(meta)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading LB_VIPS"),
+        }
+    }
+
+    pub fn backend(&self, slot: u32) -> Result<BackendSlot> {
+        self.backends
+            .get(&slot, 0)
+            .with_context(|| format!("reading LB_BACKENDS[{slot}]"))
+    }
+
+    pub fn backends(&self) -> Result<Vec<BackendSlot>> {
+        self.backends
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading LB_BACKENDS")
+    }
+
+    /// The table `meta` points at.
+    pub fn ring(&self, meta: &VipMeta) -> Result<Vec<u32>> {
+        (meta.ring_offset..meta.ring_offset + meta.ring_size)
+            .map(|i| {
+                self.rings
+                    .get(&i, 0)
+                    .with_context(|| format!("reading LB_RINGS[{i}]"))
+            })
+            .collect()
+    }
+
+    /// The addresses of the active slots in a VIP's table: the backends new flows can reach.
+    /// Empty when the VIP is not installed.
+    pub fn table_addrs(&self, vip: &VipKey) -> Result<BTreeSet<IpAddr>> {
+        let Some(meta) = self.vip(vip)? else {
+            return Ok(BTreeSet::new());
+        };
+        let slots: BTreeSet<u32> = self
+            .ring(&meta)?
+            .into_iter()
+            .filter(|&s| s != RING_EMPTY)
+            .collect();
+        let mut out = BTreeSet::new();
+        for slot in slots {
+            let b = self.backend(slot)?;
+            if b.state == SLOT_ACTIVE
+                && let Some(addr) = ip_from_wire(b.addr, b.family)
+            {
+                out.insert(addr);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the VIP's table has an entry naming an active slot of `addr`; reads only as far
+    /// as the first such entry.
+    pub fn table_has(&self, vip: &VipKey, addr: IpAddr) -> Result<bool> {
+        let Some(meta) = self.vip(vip)? else {
+            return Ok(false);
+        };
+        let mut seen: BTreeMap<u32, bool> = BTreeMap::new();
+        for i in meta.ring_offset..meta.ring_offset + meta.ring_size {
+            let slot = self
+                .rings
+                .get(&i, 0)
+                .with_context(|| format!("reading LB_RINGS[{i}]"))?;
+            if slot == RING_EMPTY {
+                continue;
+            }
+            let hit = if let Some(&hit) = seen.get(&slot) {
+                hit
+            } else {
+                let b = self.backend(slot)?;
+                let hit = b.state == SLOT_ACTIVE && ip_from_wire(b.addr, b.family) == Some(addr);
+                seen.insert(slot, hit);
+                hit
+            };
+            if hit {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// VIPs, their tables and every backend slot.
+    pub fn snapshot(&self) -> Result<MapSnapshot> {
+        let vips = self.vips()?;
+        let rings = vips
+            .iter()
+            .map(|(k, m)| Ok((*k, self.ring(m)?)))
+            .collect::<Result<_>>()?;
+        Ok(MapSnapshot {
+            vips,
+            rings,
+            backends: self.backends()?,
+        })
     }
 }
 

@@ -1,6 +1,8 @@
 //! Test support: namespace topologies, traffic generators, program test-run fixtures.
 
+pub mod chatter;
 pub mod lb;
+pub mod lbctl;
 pub mod netns;
 pub mod packet;
 pub mod traffic;

@@ -15,21 +15,25 @@ use lb_common::{
     VipMeta,
     hash::flow_hash,
     keys::{
-        ENCAP_IPIP, FAMILY_V4, PROTO_TCP, PROTO_UDP, RING_EMPTY, SLOT_ACTIVE, SLOT_DOWN,
-        SLOT_DRAINING, wire_addr,
+        ENCAP_IPIP, FAMILY_V4, FLOW_F_CLOSED, PROTO_TCP, PROTO_UDP, RING_EMPTY, SLOT_ACTIVE,
+        SLOT_DOWN, SLOT_DRAINING, wire_addr,
     },
     maps,
     stats::COUNTER_COUNT,
 };
 use lb_tests::packet::{
     self, ETH_HLEN, ETH_P_IP, GATEWAY_MAC, IP_DF, IP_MF, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP,
-    IPPROTO_UDP, IPV4_HLEN, Ipv4, TCP_ACK, TCP_SYN,
+    IPPROTO_UDP, IPV4_HLEN, Ipv4, TCP_ACK, TCP_FIN, TCP_SYN,
 };
+use lb_userspace::flows::now_tick;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
+
+/// TCP RST flag (the packet builder has no constant for it).
+const TCP_RST: u8 = 0x04;
 
 /// Without a context, `BPF_PROG_TEST_RUN` runs an XDP program as if the frame came in on the
 /// loopback device of the caller's namespace, which is always ifindex 1.
@@ -246,6 +250,12 @@ impl Lb {
         let flows: HashMap<_, FlowKey, FlowValue> =
             HashMap::try_from(self.ebpf.map(maps::FLOWS).expect("LB_FLOWS")).expect("lru hash");
         flows.get(key, 0).ok()
+    }
+
+    fn set_flow(&mut self, key: &FlowKey, value: FlowValue) {
+        let mut flows: HashMap<_, FlowKey, FlowValue> =
+            HashMap::try_from(self.ebpf.map_mut(maps::FLOWS).expect("LB_FLOWS")).expect("lru hash");
+        flows.insert(key, value, 0).expect("set flow entry");
     }
 
     /// The backend slot the ring gives a new flow.
@@ -529,6 +539,104 @@ fn pinned_flow_rehashes_only_when_its_slot_lets_go() {
     }
 }
 
+/// Sets up a flow pinned to its predicted slot with its entry's `last_seen` backdated to 0 (so
+/// a write of the current tick shows), then moves the ring away so that only the flow table can
+/// keep the flow on its backend. Returns the flow's key and slot.
+fn pinned_flow_with_old_entry(lb: &mut Lb, src: SocketAddrV4) -> (FlowKey, u32) {
+    let key = flow_key(src, vip_addr(), PROTO_TCP);
+    let pinned = lb.predicted_slot(&key);
+    let syn = packet::tcp_frame(src, vip_addr(), TCP_SYN, b"");
+    assert_eq!(lb.run(&syn).action, XDP_TX);
+    let data = packet::tcp_frame(src, vip_addr(), TCP_ACK, b"data");
+    assert_eq!(lb.run(&data).action, XDP_TX);
+    let entry = lb.flow(&key).expect("flow entry");
+    assert_eq!(entry.flags, 0, "SYN and data leave the entry open");
+    lb.set_flow(
+        &key,
+        FlowValue {
+            last_seen: 0,
+            ..entry
+        },
+    );
+    lb.set_ring(RING_OFFSET, &[OTHER_SLOT; RING_SIZE as usize]);
+    (key, pinned)
+}
+
+/// Runs `frame` of the flow `key` and checks it went to `slot` as a flow-table hit, stamping
+/// the entry with the current tick; returns the entry.
+fn run_hit(lb: &Lb, frame: &[u8], key: &FlowKey, slot: u32, what: &str) -> FlowValue {
+    let before = now_tick();
+    let (run, counters) = lb.run_counting(frame);
+    let after = now_tick();
+    assert_eq!(run.action, XDP_TX, "{what}");
+    check_encapsulated(frame, &run.frame, &lb.backend(slot), key);
+    assert_eq!(
+        counters,
+        counted(&[Counter::Tx, Counter::FlowHits]),
+        "{what}"
+    );
+    let entry = lb.flow(key).expect("flow entry");
+    assert_eq!((entry.slot, entry.generation), (slot, 1), "{what}");
+    assert!(
+        (before..=after).contains(&entry.last_seen),
+        "{what}: last_seen {} is the current tick ({before}..={after})",
+        entry.last_seen
+    );
+    entry
+}
+
+#[test]
+fn fin_or_rst_marks_the_flow_closed_and_keeps_its_backend() {
+    if !is_root() {
+        return;
+    }
+    for (name, flags) in [("FIN", TCP_FIN | TCP_ACK), ("RST", TCP_RST)] {
+        let mut lb = Lb::standard();
+        let src = client(43_500);
+        let (key, pinned) = pinned_flow_with_old_entry(&mut lb, src);
+
+        let closing = packet::tcp_frame(src, vip_addr(), flags, b"");
+        let entry = run_hit(&lb, &closing, &key, pinned, name);
+        assert_eq!(entry.flags, FLOW_F_CLOSED, "{name} closes the entry");
+
+        // Late packets of the closing connection (the last ACK) still reach the backend and
+        // leave the entry closed.
+        let last_ack = packet::tcp_frame(src, vip_addr(), TCP_ACK, b"");
+        let entry = run_hit(&lb, &last_ack, &key, pinned, name);
+        assert_eq!(
+            entry.flags, FLOW_F_CLOSED,
+            "{name}: still closed after an ACK"
+        );
+    }
+}
+
+#[test]
+fn syn_on_a_closed_entry_opens_it_again() {
+    if !is_root() {
+        return;
+    }
+    let mut lb = Lb::standard();
+    let src = client(43_600);
+    let (key, pinned) = pinned_flow_with_old_entry(&mut lb, src);
+    let fin = packet::tcp_frame(src, vip_addr(), TCP_FIN | TCP_ACK, b"");
+    assert_eq!(run_hit(&lb, &fin, &key, pinned, "FIN").flags, FLOW_F_CLOSED);
+    let closed = lb.flow(&key).expect("flow entry");
+    lb.set_flow(
+        &key,
+        FlowValue {
+            last_seen: 0,
+            ..closed
+        },
+    );
+
+    // The client reuses the port: a new connection on the same 5-tuple.
+    let syn = packet::tcp_frame(src, vip_addr(), TCP_SYN, b"");
+    let entry = run_hit(&lb, &syn, &key, pinned, "SYN after FIN");
+    assert_eq!(entry.flags, 0, "a SYN opens the closed entry again");
+    let entry = run_hit(&lb, &syn, &key, pinned, "SYN retransmitted");
+    assert_eq!(entry.flags, 0, "a SYN on an open entry changes nothing");
+}
+
 #[test]
 fn other_egress_interface_redirects_through_the_devmap() {
     // The devmap maps the slot's ifindex key to a real device; lo is always there.
@@ -795,11 +903,11 @@ fn vip_without_a_usable_backend_drops_new_flows() {
             slot_state: SLOT_ACTIVE,
         },
         Case {
-            name: "only a draining backend",
+            name: "only a down backend",
             ring_offset: RING_OFFSET,
             ring_size: RING_SIZE,
             entries: vec![SLOTS[0]; RING_SIZE as usize],
-            slot_state: SLOT_DRAINING,
+            slot_state: SLOT_DOWN,
         },
         Case {
             name: "entry beyond LB_BACKENDS",

@@ -1,5 +1,7 @@
-//! Developer entry points: `cargo xtask setup | build | run | test | demo | fmt | clippy`.
+//! Developer entry points: `cargo xtask setup | build | run | test | demo | fmt | clippy |
+//! install`.
 
+mod install;
 mod setup;
 mod tasks;
 mod util;
@@ -51,6 +53,9 @@ enum Cmd {
     },
     /// Clippy on every crate and target, warnings as errors.
     Clippy,
+    /// Build release binaries, then install them, the systemd unit and a first config (an
+    /// existing /etc/lb/lb.toml or lbd.env is never overwritten). Safe to run again.
+    Install(install::InstallArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +68,7 @@ fn main() -> ExitCode {
         Cmd::Demo { release, args } => tasks::demo(release, &args),
         Cmd::Fmt { check } => tasks::fmt(check),
         Cmd::Clippy => tasks::clippy(),
+        Cmd::Install(args) => install::install(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -70,25 +70,26 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, DropReason> {
     // The 5-tuple hash is needed to pick a backend for a new flow (unless the VIP hashes the
     // source only) and for the outer source's entropy bits; computed at most once, lazily.
     let mut hash = None;
-    let (backend, new_flow) = if let Some(backend) = lookup::pinned_backend(flow, tick) {
-        count(Counter::FlowHits);
-        (backend, false)
-    } else {
-        let ring_hash = if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
-            src_hash(flow)
+    let (backend, new_flow) =
+        if let Some(backend) = lookup::pinned_backend(flow, tick, packet.syn, packet.fin_rst) {
+            count(Counter::FlowHits);
+            (backend, false)
         } else {
-            *hash.insert(flow_hash(flow))
+            let ring_hash = if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
+                src_hash(flow)
+            } else {
+                *hash.insert(flow_hash(flow))
+            };
+            let backend = lookup::ring_backend(&vip, ring_hash)?;
+            let pinned = lookup::pin_flow(flow, backend, tick);
+            if pinned {
+                count(Counter::NewFlows);
+            }
+            if !packet.syn {
+                count(Counter::FlowMisses);
+            }
+            (backend, pinned)
         };
-        let backend = lookup::ring_backend(&vip, ring_hash)?;
-        let pinned = lookup::pin_flow(flow, backend, tick);
-        if pinned {
-            count(Counter::NewFlows);
-        }
-        if !packet.syn {
-            count(Counter::FlowMisses);
-        }
-        (backend, pinned)
-    };
 
     let entropy = if cfg.encap_src_v4_mask == 0 {
         0

@@ -4,16 +4,20 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use lb_common::maps;
 use lb_userspace::{
     agent::{self, AgentOptions},
-    dataplane::kernel::{AttachMode, LoadOptions},
+    api::proto::DEFAULT_SOCKET,
+    dataplane::kernel::{self, AttachMode, LoadOptions},
 };
 
 #[derive(Parser, Debug)]
 #[command(name = "lbd", version, about = "XDP L4 load balancer agent")]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// Interface to attach `lb_xdp` to (repeatable).
     #[arg(long = "iface", required = true)]
     ifaces: Vec<String>,
@@ -35,9 +39,30 @@ struct Args {
     /// Seconds between periodic next-hop re-resolutions.
     #[arg(long, default_value_t = 30)]
     resolve_interval: u64,
+    /// Control socket (lbctl talks to it).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Group allowed to use the control socket (mode 0660); without it only root can.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Saved VIPs and backends: written on every accepted change, read at start (it wins over
+    /// the config file's [[vip]] list, which only seeds a fresh state).
+    #[arg(long, default_value = "/var/lib/lb/state.toml")]
+    state: PathBuf,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Replace the running XDP program, in every pinned link, with the one in this binary,
+    /// keeping the pinned maps (flow table included). A running lbd can stay up.
+    Upgrade {
+        /// bpffs folder lbd pins under.
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        bpffs: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,10 +78,23 @@ fn main() -> anyhow::Result<()> {
         builder.init();
     }
 
+    if let Some(Cmd::Upgrade { bpffs }) = args.command {
+        let ifaces = kernel::upgrade(&bpffs)
+            .with_context(|| format!("upgrading the program pinned under {}", bpffs.display()))?;
+        for iface in &ifaces {
+            tracing::info!(iface, "program replaced in the pinned link");
+        }
+        println!("upgraded {} link(s): {}", ifaces.len(), ifaces.join(" "));
+        return Ok(());
+    }
+
     let opts = AgentOptions {
         ifaces: args.ifaces,
         mode: args.xdp_mode,
         config_path: args.config,
+        state_path: args.state,
+        socket: args.socket,
+        socket_group: args.socket_group,
         load: LoadOptions {
             pin_dir: args.bpffs,
             flow_table_size: args.flow_table_size,

@@ -14,6 +14,23 @@ use super::{DataPlane, DataPlaneError, FlowTable};
 #[derive(Debug, Default)]
 pub struct FakeFlows(pub Mutex<Vec<FlowValue>>);
 
+impl FakeFlows {
+    /// A table holding `entries`.
+    pub fn with(entries: impl IntoIterator<Item = FlowValue>) -> Self {
+        Self(Mutex::new(entries.into_iter().collect()))
+    }
+
+    /// Adds one entry.
+    pub fn push(&self, value: FlowValue) {
+        self.0.lock().expect("not poisoned").push(value);
+    }
+
+    /// Replaces every entry.
+    pub fn set(&self, entries: impl IntoIterator<Item = FlowValue>) {
+        *self.0.lock().expect("not poisoned") = entries.into_iter().collect();
+    }
+}
+
 impl FlowTable for FakeFlows {
     fn for_each_flow(&self, f: &mut dyn FnMut(&FlowValue)) -> Result<(), DataPlaneError> {
         self.0.lock().expect("not poisoned").iter().for_each(f);

@@ -4,24 +4,31 @@
 //! freshly loaded program replaces the old one inside the pinned link (`BPF_LINK_UPDATE`), so the
 //! interface is never without a program.
 
+mod batch;
+mod upgrade;
+
 use std::{
     fs, io,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
     str::FromStr,
+    sync::Arc,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, Map, MapData},
+    maps::{Array, DevMapHash, HashMap, IterableMap as _, Map, MapData, MapError},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     },
+    sys::SyscallError,
 };
-use lb_common::{BackendSlot, GlobalConfig, VipKey, VipMeta, maps};
+use lb_common::{BackendSlot, FlowKey, FlowValue, GlobalConfig, VipKey, VipMeta, maps};
 
-use super::{DataPlane, DataPlaneError};
+pub use self::upgrade::upgrade;
+use super::{DataPlane, DataPlaneError, FlowTable};
 
 /// How the program is attached to an interface (`--xdp-mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -98,7 +105,61 @@ pub struct KernelDataPlane {
     backends: Array<MapData, BackendSlot>,
     config: Array<MapData, GlobalConfig>,
     tx_ports: DevMapHash<MapData>,
-    flows_size: u32,
+    flows: Arc<KernelFlows>,
+}
+
+/// A read handle on `LB_FLOWS` (its own descriptor), shareable with a blocking scan task.
+#[derive(Debug)]
+pub struct KernelFlows {
+    fd: OwnedFd,
+    max_entries: u32,
+}
+
+impl KernelFlows {
+    fn new(ebpf: &Ebpf) -> Result<Self, DataPlaneError> {
+        let name = maps::FLOWS;
+        let info = loaded_map(ebpf, name)?
+            .info()
+            .map_err(|e| DataPlaneError::map(name, e))?;
+        // The raw batch calls write whole keys and values into buffers of these types.
+        let (key, value) = (size_of::<FlowKey>(), size_of::<FlowValue>());
+        let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
+        if key_size != key {
+            let e = MapError::InvalidKeySize {
+                size: key_size,
+                expected: key,
+            };
+            return Err(DataPlaneError::map(name, e));
+        }
+        if value_size != value {
+            let e = MapError::InvalidValueSize {
+                size: value_size,
+                expected: value,
+            };
+            return Err(DataPlaneError::map(name, e));
+        }
+        Ok(Self {
+            fd: map_fd(ebpf, name)?,
+            max_entries: info.max_entries(),
+        })
+    }
+
+    /// Entries the table holds at most (the size it was created with).
+    pub fn max_entries(&self) -> u32 {
+        self.max_entries
+    }
+}
+
+impl FlowTable for KernelFlows {
+    /// One `BPF_MAP_LOOKUP_BATCH` per few thousand entries (key by key on kernels before 5.6).
+    fn for_each_flow(&self, f: &mut dyn FnMut(&FlowValue)) -> Result<(), DataPlaneError> {
+        batch::for_each_entry::<FlowKey, FlowValue>(
+            self.fd.as_fd(),
+            self.max_entries,
+            &mut |_, v| f(v),
+        )
+        .map_err(|e| syscall_error(maps::FLOWS, e))
+    }
 }
 
 /// Every map of the balancer object, all pinned.
@@ -144,7 +205,7 @@ impl KernelDataPlane {
 
         // A pinned map keeps the size it was created with; the allocator must use that one.
         let ring_pool_size = max_entries(&ebpf, maps::RINGS)?;
-        let flows_size = max_entries(&ebpf, maps::FLOWS)?;
+        let flows = KernelFlows::new(&ebpf)?;
         Ok(Self {
             vips: take_typed(&mut ebpf, maps::VIPS)?,
             vip_addrs: take_typed(&mut ebpf, maps::VIP_ADDRS)?,
@@ -153,7 +214,7 @@ impl KernelDataPlane {
             backends: take_typed(&mut ebpf, maps::BACKENDS)?,
             config: take_typed(&mut ebpf, maps::CONFIG)?,
             tx_ports: take_typed(&mut ebpf, maps::TX_PORTS)?,
-            flows_size,
+            flows: Arc::new(flows),
             pin_dir: opts.pin_dir.clone(),
             ebpf,
         })
@@ -221,7 +282,7 @@ impl KernelDataPlane {
 
     /// Entries in the flow table (the size it was created with).
     pub fn flow_table_size(&self) -> u32 {
-        self.flows_size
+        self.flows.max_entries
     }
 
     /// The folder holding the pins.
@@ -325,16 +386,47 @@ where
 
 fn map_data(map: &Map) -> Option<&MapData> {
     match map {
-        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) => Some(d),
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::DevMapHash(d) => Some(d),
         _ => None,
     }
 }
 
+fn loaded_map<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a MapData, DataPlaneError> {
+    ebpf.map(name)
+        .and_then(map_data)
+        .ok_or(DataPlaneError::MissingMap { name })
+}
+
+/// A descriptor of its own on a loaded map.
+fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, DataPlaneError> {
+    loaded_map(ebpf, name)?
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|io_error| {
+            syscall_error(
+                name,
+                SyscallError {
+                    call: "dup",
+                    io_error,
+                },
+            )
+        })
+}
+
+fn syscall_error(name: &'static str, e: SyscallError) -> DataPlaneError {
+    DataPlaneError::map(name, MapError::SyscallError(e))
+}
+
 /// The size the kernel gave the map (a reused pin keeps the size it was created with).
 fn max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32, DataPlaneError> {
-    let map = ebpf.map(name).ok_or(DataPlaneError::MissingMap { name })?;
-    let data = map_data(map).ok_or(DataPlaneError::MissingMap { name })?;
-    let info = data.info().map_err(|e| DataPlaneError::map(name, e))?;
+    let info = loaded_map(ebpf, name)?
+        .info()
+        .map_err(|e| DataPlaneError::map(name, e))?;
     Ok(info.max_entries())
 }
 
@@ -354,12 +446,8 @@ impl DataPlane for KernelDataPlane {
                 pool: self.ring_pool_size,
             });
         }
-        for (i, entry) in entries.iter().enumerate() {
-            self.rings
-                .set(offset + i as u32, entry, 0)
-                .map_err(|e| DataPlaneError::map(maps::RINGS, e))?;
-        }
-        Ok(())
+        batch::update_array(self.rings.map().fd().as_fd(), offset, entries)
+            .map_err(|e| syscall_error(maps::RINGS, e))
     }
 
     fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>, DataPlaneError> {
@@ -371,13 +459,8 @@ impl DataPlane for KernelDataPlane {
                 pool: self.ring_pool_size,
             });
         }
-        (offset..offset + len)
-            .map(|i| {
-                self.rings
-                    .get(&i, 0)
-                    .map_err(|e| DataPlaneError::map(maps::RINGS, e))
-            })
-            .collect()
+        batch::lookup_array(self.rings.map().fd().as_fd(), offset, len)
+            .map_err(|e| syscall_error(maps::RINGS, e))
     }
 
     fn ring_pool_size(&self) -> u32 {
@@ -444,8 +527,7 @@ impl DataPlane for KernelDataPlane {
             })
     }
 
-    fn flow_table(&self) -> std::sync::Arc<dyn super::FlowTable> {
-        // TODO(dataplane helper): a pinned-map handle scanned with BPF_MAP_LOOKUP_BATCH.
-        std::sync::Arc::new(super::fake::FakeFlows::default())
+    fn flow_table(&self) -> Arc<dyn FlowTable> {
+        self.flows.clone()
     }
 }

@@ -4,7 +4,7 @@ use std::{net::IpAddr, time::Duration};
 
 use lb_common::{
     VipKey,
-    keys::{PROTO_TCP, RING_EMPTY, SLOT_ACTIVE, SLOT_DOWN, SLOT_DRAINING, SLOT_FREE},
+    keys::{PROTO_TCP, RING_EMPTY, SLOT_ACTIVE, SLOT_DOWN, SLOT_DRAINING, SLOT_FREE, SLOT_RETIRED},
 };
 
 use super::*;
@@ -63,6 +63,38 @@ fn position(ops: &[Op], pred: impl Fn(&Op) -> bool) -> usize {
     ops.iter().position(pred).expect("operation recorded")
 }
 
+/// The writes into one slot, in order.
+fn writes_to(ops: &[Op], slot: u32) -> Vec<BackendSlot> {
+    ops.iter()
+        .filter_map(|o| match o {
+            Op::SetBackend(s, b) if *s == slot => Some(*b),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What removing a backend writes into its slot: the same backend under a new generation.
+fn retired(old: BackendSlot) -> BackendSlot {
+    BackendSlot {
+        state: SLOT_RETIRED,
+        generation: old.generation.wrapping_add(1),
+        ..old
+    }
+}
+
+/// What a slot holds once free.
+fn free_with(generation: u32) -> BackendSlot {
+    BackendSlot {
+        generation,
+        ..BackendSlot::default()
+    }
+}
+
+/// Makes everything retired so far count as retired a quarantine ago, as if time had passed.
+fn let_quarantine_pass(rec: &mut Reconciler) {
+    rec.quarantine = Duration::ZERO;
+}
+
 #[test]
 fn fresh_vip_writes_slots_before_the_table_that_names_them() {
     let (mut dp, mut rec) = setup();
@@ -109,22 +141,27 @@ fn removing_a_backend_swaps_the_table_before_freeing_its_slot() {
     )
     .unwrap();
     let gone = slot_of(&rec, &v, "10.1.0.2");
-    let old_gen = dp.backends[gone as usize].generation;
+    let old = dp.backends[gone as usize];
     dp.ops.clear();
 
-    rec.apply(&mut dp, &[plan(v, vec![backend("10.1.0.1", 1)])])
-        .unwrap();
+    let kept = [plan(v, vec![backend("10.1.0.1", 1)])];
+    rec.apply(&mut dp, &kept).unwrap();
+    // Retired after the swap: pinned flows miss the new generation and re-hash, while a packet
+    // that read the old table still finds the backend, its state and its next hop.
     let swap = position(&dp.ops, |o| matches!(o, Op::SetVip(..)));
-    let free = position(
-        &dp.ops,
-        |o| matches!(o, Op::SetBackend(s, b) if *s == gone && b.state == SLOT_FREE),
-    );
-    assert!(swap < free, "{:?}", dp.ops);
-    assert_eq!(
-        dp.backends[gone as usize].generation,
-        old_gen.wrapping_add(1)
-    );
+    let retire = position(&dp.ops, |o| *o == Op::SetBackend(gone, retired(old)));
+    assert!(swap < retire, "{:?}", dp.ops);
+    assert_eq!(writes_to(&dp.ops, gone), [retired(old)], "not freed yet");
+    assert_eq!(dp.backends[gone as usize].state, SLOT_RETIRED);
     assert!(dp.table_of(&v).unwrap().iter().all(|s| *s != gone));
+
+    // The next apply after the quarantine (zero here) writes it free, with another generation.
+    dp.ops.clear();
+    rec.apply(&mut dp, &kept).unwrap();
+    let free = free_with(old.generation.wrapping_add(2));
+    assert_eq!(writes_to(&dp.ops, gone), [free], "{:?}", dp.ops);
+    assert_eq!(dp.backends[gone as usize], free);
+    assert_eq!(free.state, SLOT_FREE);
 }
 
 #[test]
@@ -222,12 +259,20 @@ fn removing_a_vip_deletes_it_then_frees_its_slots_and_address() {
     rec.apply(&mut dp, &[plan(v, vec![backend("10.1.0.1", 1)])])
         .unwrap();
     let slot = slot_of(&rec, &v, "10.1.0.1");
+    let old = dp.backends[slot as usize];
     dp.ops.clear();
     rec.apply(&mut dp, &[]).unwrap();
     let del = position(&dp.ops, |o| matches!(o, Op::DelVip(..)));
-    let free = position(&dp.ops, |o| matches!(o, Op::SetBackend(s, _) if *s == slot));
-    assert!(del < free);
+    let retire = position(&dp.ops, |o| *o == Op::SetBackend(slot, retired(old)));
+    assert!(del < retire, "{:?}", dp.ops);
+    assert_eq!(writes_to(&dp.ops, slot), [retired(old)]);
     assert!(dp.vips.is_empty() && dp.vip_addrs.is_empty());
+
+    // Free after the quarantine (zero here), and nothing else left to do.
+    dp.ops.clear();
+    rec.apply(&mut dp, &[]).unwrap();
+    let free = free_with(old.generation.wrapping_add(2));
+    assert_eq!(dp.ops, [Op::SetBackend(slot, free)]);
     assert_eq!(dp.backends[slot as usize].state, SLOT_FREE);
 }
 
@@ -257,6 +302,174 @@ fn freed_slots_wait_out_the_quarantine() {
     rec.apply(&mut dp, &[plan(v, vec![backend("10.1.0.2", 1)])])
         .unwrap();
     assert_ne!(slot_of(&rec, &v, "10.1.0.2"), first);
+}
+
+#[test]
+fn a_retired_slot_goes_to_a_new_backend_only_after_its_quarantine() {
+    let mut dp = FakeDataPlane::new(64);
+    let mut rec = Reconciler::adopt(&dp, Duration::from_hours(1)).unwrap();
+    let v = vip("10.0.0.1");
+    rec.apply(
+        &mut dp,
+        &[plan(
+            v,
+            vec![backend("10.1.0.1", 1), backend("10.1.0.2", 1)],
+        )],
+    )
+    .unwrap();
+    let slot = slot_of(&rec, &v, "10.1.0.2");
+    let old = dp.backends[slot as usize];
+    rec.apply(&mut dp, &[plan(v, vec![backend("10.1.0.1", 1)])])
+        .unwrap();
+
+    // During the quarantine a new backend gets another slot and the retired one is left alone.
+    dp.ops.clear();
+    rec.apply(
+        &mut dp,
+        &[plan(
+            v,
+            vec![backend("10.1.0.1", 1), backend("10.1.0.3", 1)],
+        )],
+    )
+    .unwrap();
+    assert_ne!(slot_of(&rec, &v, "10.1.0.3"), slot);
+    assert!(writes_to(&dp.ops, slot).is_empty(), "{:?}", dp.ops);
+    assert_eq!(dp.backends[slot as usize], retired(old));
+
+    // After it, the slot is written free and then handed out (lowest free slot first).
+    let_quarantine_pass(&mut rec);
+    dp.ops.clear();
+    rec.apply(
+        &mut dp,
+        &[plan(
+            v,
+            vec![
+                backend("10.1.0.1", 1),
+                backend("10.1.0.3", 1),
+                backend("10.1.0.4", 1),
+            ],
+        )],
+    )
+    .unwrap();
+    assert_eq!(slot_of(&rec, &v, "10.1.0.4"), slot);
+    let writes = writes_to(&dp.ops, slot);
+    assert_eq!(writes.len(), 2, "{:?}", dp.ops);
+    assert_eq!(writes[0], free_with(old.generation.wrapping_add(2)));
+    let reused = writes[1];
+    assert_eq!(reused.state, SLOT_ACTIVE);
+    assert_eq!(
+        ip_from_wire(reused.addr, reused.family),
+        Some(ip("10.1.0.4"))
+    );
+    // No flow pinned to the removed backend, before or after it was retired, matches.
+    assert!(
+        reused.generation != old.generation && reused.generation != retired(old).generation,
+        "{reused:?}"
+    );
+}
+
+#[test]
+fn check_counts_slots_past_their_quarantine_as_free_like_apply() {
+    let mut dp = FakeDataPlane::new(64);
+    // Room for three backends.
+    dp.backends.truncate(3);
+    let mut rec = Reconciler::adopt(&dp, Duration::from_hours(1)).unwrap();
+    let v = vip("10.0.0.1");
+    let abc = ["10.1.0.1", "10.1.0.2", "10.1.0.3"].map(|a| backend(a, 1));
+    rec.apply(&mut dp, &[plan(v, abc.to_vec())]).unwrap();
+    let gone = slot_of(&rec, &v, "10.1.0.3");
+    rec.apply(&mut dp, &[plan(v, abc[..2].to_vec())]).unwrap();
+    let grown = [plan(
+        v,
+        vec![abc[0].clone(), abc[1].clone(), backend("10.1.0.4", 1)],
+    )];
+    let full = |e: &ReconcileError| {
+        matches!(
+            e,
+            ReconcileError::TooManyBackends {
+                needed: 1,
+                free: 0,
+                total: 3
+            }
+        )
+    };
+
+    // Retired a moment ago: not free, for check and apply alike.
+    let err = rec.check(&grown).unwrap_err();
+    assert!(full(&err), "{err}");
+    dp.ops.clear();
+    let err = rec.apply(&mut dp, &grown).unwrap_err();
+    assert!(full(&err), "{err}");
+    assert!(dp.ops.is_empty(), "{:?}", dp.ops);
+
+    // Past its quarantine: check counts it free before apply has written it free, and apply
+    // agrees.
+    let_quarantine_pass(&mut rec);
+    rec.check(&grown).unwrap();
+    rec.check(&grown).unwrap();
+    assert_eq!(
+        dp.backends[gone as usize].state, SLOT_RETIRED,
+        "check wrote nothing"
+    );
+    rec.apply(&mut dp, &grown).unwrap();
+    assert_eq!(slot_of(&rec, &v, "10.1.0.4"), gone);
+}
+
+#[test]
+fn a_vip_removal_that_failed_half_way_is_finished_by_the_next_apply() {
+    let (mut dp, mut rec) = setup();
+    let v = vip("10.0.0.1");
+    rec.apply(
+        &mut dp,
+        &[plan(
+            v,
+            vec![backend("10.1.0.1", 1), backend("10.1.0.2", 1)],
+        )],
+    )
+    .unwrap();
+    let (first, second) = (slot_of(&rec, &v, "10.1.0.1"), slot_of(&rec, &v, "10.1.0.2"));
+    let (old_first, old_second) = (dp.backends[first as usize], dp.backends[second as usize]);
+    // The VIP delete and the first retire succeed, the second retire fails.
+    dp.ops.clear();
+    dp.fail_on = Some(2);
+    rec.apply(&mut dp, &[]).unwrap_err();
+    assert_eq!(
+        dp.ops,
+        [Op::DelVip(v), Op::SetBackend(first, retired(old_first))],
+        "{:?}",
+        dp.ops
+    );
+
+    // The next apply neither deletes the VIP again (the kernel map would refuse a missing key)
+    // nor retires the first slot again; it retires the second. The first, freed at its start,
+    // may go to a new backend, which must then keep it.
+    dp.ops.clear();
+    let other_vip = vip("10.0.0.2");
+    let other = [plan(other_vip, vec![backend("10.1.0.3", 1)])];
+    rec.apply(&mut dp, &other).unwrap();
+    assert!(
+        !dp.ops.iter().any(|o| matches!(o, Op::DelVip(_))),
+        "{:?}",
+        dp.ops
+    );
+    assert_eq!(
+        writes_to(&dp.ops, second),
+        [retired(old_second)],
+        "{:?}",
+        dp.ops
+    );
+    let reused = slot_of(&rec, &other_vip, "10.1.0.3");
+    let installed = dp.backends[reused as usize];
+    dp.ops.clear();
+    rec.apply(&mut dp, &other).unwrap();
+    rec.apply(&mut dp, &other).unwrap();
+    assert!(writes_to(&dp.ops, reused).is_empty(), "{:?}", dp.ops);
+    assert_eq!(dp.backends[reused as usize], installed);
+    assert_eq!(
+        ip_from_wire(installed.addr, installed.family),
+        Some(ip("10.1.0.3"))
+    );
+    assert_eq!(dp.backends[second as usize].state, SLOT_FREE);
 }
 
 #[test]
@@ -343,4 +556,178 @@ fn drain_writes_the_demotion_after_the_table_swap() {
         |o| matches!(o, Op::SetBackend(s, b) if *s == drained && b.state == SLOT_DRAINING),
     );
     assert!(swap < demote, "{:?}", dp.ops);
+}
+
+/// A slot in use as a backend of `vip_id`, as an interrupted lbd may leave it.
+fn stray_slot(addr: &str, vip_id: u32, generation: u32) -> BackendSlot {
+    let mut b = slot_value(&backend(addr, 1), vip_id, generation);
+    b.state = SLOT_ACTIVE;
+    b
+}
+
+#[test]
+fn adoption_frees_slots_of_unknown_vips_on_the_first_apply() {
+    let (mut dp, mut rec) = setup();
+    let v = vip("10.0.0.1");
+    let plans = [plan(v, vec![backend("10.1.0.1", 1)])];
+    rec.apply(&mut dp, &plans).unwrap();
+    // Slot 40 belongs to VIP id 99, which no VIP carries.
+    dp.backends[40] = stray_slot("10.9.0.1", 99, 6);
+    dp.ops.clear();
+
+    let mut adopted = Reconciler::adopt(&dp, Duration::from_hours(1)).unwrap();
+    assert!(dp.ops.is_empty(), "adopting writes nothing: {:?}", dp.ops);
+    adopted.apply(&mut dp, &plans).unwrap();
+
+    let stray = stray_slot("10.9.0.1", 99, 6);
+    assert_eq!(dp.backends[40], retired(stray));
+    assert_eq!(dp.backends[40].generation, 7);
+    assert!(
+        !dp.ops.iter().any(|o| matches!(o, Op::SetVip(..))),
+        "no table change needed: {:?}",
+        dp.ops
+    );
+    // Retired like any removed backend: a new backend does not get it during the quarantine.
+    let grown = [plan(
+        v,
+        vec![backend("10.1.0.1", 1), backend("10.1.0.2", 1)],
+    )];
+    adopted.apply(&mut dp, &grown).unwrap();
+    assert_ne!(slot_of(&adopted, &v, "10.1.0.2"), 40);
+    // Written free only after it, and retired and freed once each.
+    assert_eq!(writes_to(&dp.ops, 40), [retired(stray)], "{:?}", dp.ops);
+    let_quarantine_pass(&mut adopted);
+    adopted.apply(&mut dp, &grown).unwrap();
+    adopted.apply(&mut dp, &grown).unwrap();
+    assert_eq!(
+        writes_to(&dp.ops, 40),
+        [retired(stray), free_with(8)],
+        "{:?}",
+        dp.ops
+    );
+}
+
+#[test]
+fn adoption_keeps_the_duplicate_its_table_names_and_frees_the_other() {
+    let (mut dp, mut rec) = setup();
+    let v = vip("10.0.0.1");
+    let plans = [plan(v, vec![backend("10.1.0.1", 1)])];
+    rec.apply(&mut dp, &plans).unwrap();
+    let first = slot_of(&rec, &v, "10.1.0.1");
+    let meta = dp.vips[&v];
+    // A second slot for the same address, named by the table: the first one is the orphan.
+    let dup = first + 30;
+    dp.backends[dup as usize] = dp.backends[first as usize];
+    let region = meta.ring_offset as usize..(meta.ring_offset + meta.ring_size) as usize;
+    dp.ring[region].fill(dup);
+
+    let copy = dp.backends[first as usize];
+
+    let mut adopted = Reconciler::adopt(&dp, Duration::ZERO).unwrap();
+    assert_eq!(slot_of(&adopted, &v, "10.1.0.1"), dup);
+    dp.ops.clear();
+    adopted.apply(&mut dp, &plans).unwrap();
+    assert_eq!(dp.backends[first as usize], retired(copy));
+    assert_eq!(dp.backends[dup as usize], copy);
+    assert!(dp.table_of(&v).unwrap().iter().all(|s| *s == dup));
+    assert!(
+        !dp.ops.iter().any(|o| matches!(o, Op::SetVip(..))),
+        "{:?}",
+        dp.ops
+    );
+    // Free after the quarantine (zero here); the kept one is untouched.
+    adopted.apply(&mut dp, &plans).unwrap();
+    assert_eq!(dp.backends[first as usize].state, SLOT_FREE);
+    assert_eq!(dp.backends[dup as usize], copy);
+    assert!(writes_to(&dp.ops, dup).is_empty(), "{:?}", dp.ops);
+
+    // Without a table naming either, the first slot wins and the later one is the orphan.
+    let (mut dp, mut rec) = setup();
+    rec.apply(&mut dp, &plans).unwrap();
+    let first = slot_of(&rec, &v, "10.1.0.1");
+    let copy = dp.backends[first as usize];
+    dp.backends[(first + 30) as usize] = copy;
+    let mut adopted = Reconciler::adopt(&dp, Duration::ZERO).unwrap();
+    assert_eq!(slot_of(&adopted, &v, "10.1.0.1"), first);
+    adopted.apply(&mut dp, &plans).unwrap();
+    assert_eq!(dp.backends[(first + 30) as usize], retired(copy));
+    adopted.apply(&mut dp, &plans).unwrap();
+    assert_eq!(dp.backends[(first + 30) as usize].state, SLOT_FREE);
+    assert_eq!(dp.backends[first as usize], copy);
+}
+
+#[test]
+fn an_orphan_named_by_a_table_is_freed_only_after_the_table_swap() {
+    let (mut dp, mut rec) = setup();
+    let v = vip("10.0.0.1");
+    let plans = [plan(v, vec![backend("10.1.0.1", 1)])];
+    rec.apply(&mut dp, &plans).unwrap();
+    // The table still names slot 40, which belongs to no VIP.
+    dp.backends[40] = stray_slot("10.9.0.1", 99, 0);
+    let meta = dp.vips[&v];
+    dp.ring[meta.ring_offset as usize] = 40;
+
+    let stray = dp.backends[40];
+
+    let mut adopted = Reconciler::adopt(&dp, Duration::ZERO).unwrap();
+    dp.ops.clear();
+    adopted.apply(&mut dp, &plans).unwrap();
+    let swap = position(&dp.ops, |o| matches!(o, Op::SetVip(..)));
+    let retire = position(&dp.ops, |o| matches!(o, Op::SetBackend(40, _)));
+    assert!(swap < retire, "{:?}", dp.ops);
+    assert_eq!(writes_to(&dp.ops, 40), [retired(stray)]);
+    assert!(dp.table_of(&v).unwrap().iter().all(|s| *s != 40));
+
+    // Free after the quarantine (zero here).
+    dp.ops.clear();
+    adopted.apply(&mut dp, &plans).unwrap();
+    assert_eq!(writes_to(&dp.ops, 40), [free_with(2)]);
+    assert_eq!(dp.backends[40].state, SLOT_FREE);
+}
+
+#[test]
+fn adoption_leaves_table_regions_no_vip_names_free() {
+    // A table written but never published (lbd killed before the VIP update) is not claimed.
+    let mut dp = FakeDataPlane::new(2 * RING);
+    dp.ring[..RING as usize].fill(3);
+    let mut rec = Reconciler::adopt(&dp, Duration::ZERO).unwrap();
+    let plans: Vec<VipPlan> = (1..=2)
+        .map(|i| plan(vip(&format!("10.0.0.{i}")), vec![backend("10.1.0.1", 1)]))
+        .collect();
+    rec.apply(&mut dp, &plans).unwrap();
+    let offsets: BTreeSet<u32> = dp.vips.values().map(|m| m.ring_offset).collect();
+    assert_eq!(offsets, BTreeSet::from([0, RING]));
+}
+
+/// lbd restarted within a quarantine: the slot it had retired is not taken for a live backend
+/// (even one of the same VIP and address, re-added meanwhile) but waits out a new quarantine.
+#[test]
+fn adoption_quarantines_retired_slots() {
+    let (mut dp, mut rec) = setup();
+    let v = vip("10.0.0.1");
+    let both = [plan(
+        v,
+        vec![backend("10.1.0.1", 1), backend("10.1.0.2", 1)],
+    )];
+    rec.apply(&mut dp, &both).unwrap();
+    let gone = slot_of(&rec, &v, "10.1.0.2");
+    rec.apply(&mut dp, &[plan(v, vec![backend("10.1.0.1", 1)])])
+        .unwrap();
+    assert_eq!(dp.backends[gone as usize].state, SLOT_RETIRED);
+
+    let mut adopted = Reconciler::adopt(&dp, Duration::from_hours(1)).unwrap();
+    assert!(
+        adopted
+            .backend_slots(&v)
+            .iter()
+            .all(|(_, slot, _)| *slot != gone),
+        "a retired slot is not a backend"
+    );
+    dp.ops.clear();
+    adopted.apply(&mut dp, &both).unwrap();
+    assert_ne!(slot_of(&adopted, &v, "10.1.0.2"), gone);
+    assert!(writes_to(&dp.ops, gone).is_empty(), "{:?}", dp.ops);
+    let_quarantine_pass(&mut adopted);
+    adopted.apply(&mut dp, &both).unwrap();
+    assert_eq!(dp.backends[gone as usize].state, SLOT_FREE);
 }

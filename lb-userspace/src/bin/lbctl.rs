@@ -1,0 +1,568 @@
+//! lbctl, lbd's command line: argument parsing and output only; the requests are
+//! `lb_userspace::api::client`'s and every check of a value beyond its syntax is lbd's.
+
+// A crate root looks for modules beside itself; lbctl's live in bin/lbctl/.
+#[path = "lbctl/output.rs"]
+mod output;
+
+use std::{
+    fmt::Write as _,
+    io::{self, Write as _},
+    net::IpAddr,
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail};
+use clap::{Parser, Subcommand};
+use lb_userspace::{
+    api::{
+        client::Client,
+        proto::{
+            ApplyRequest, ChangeRequest, DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_SOCKET, FlowsQuery,
+        },
+    },
+    change::Change,
+    config::{self, Config},
+    model::{DesiredState, HashMode, VipId},
+};
+use serde::Serialize;
+
+const SOCKET_ENV: &str = "LBCTL_SOCKET";
+const VIP_HELP: &str = "The VIP: address:port/protocol, e.g. 10.0.0.1:80/tcp";
+const ADDR_HELP: &str = "The backend's address";
+/// How long past its own `--timeout` lbd may take to end a drain wait before lbctl gives up.
+const WAIT_SLACK: Duration = Duration::from_secs(30);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lbctl",
+    version,
+    about = "Control the XDP load balancer agent (lbd) over its Unix socket"
+)]
+struct Args {
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        display_order = 100,
+        help = format!("lbd's control socket [env: {SOCKET_ENV}] [default: {DEFAULT_SOCKET}]")
+    )]
+    socket: Option<PathBuf>,
+    /// Print lbd's reply as JSON (drain --wait: one JSON object per line as it comes).
+    #[arg(long, global = true, display_order = 101)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Add, remove or list VIPs.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Add, remove, reweight or drain a VIP's backends.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Every VIP and backend: weight, state and live flows.
+    Status {
+        /// A flow not seen for this long is not counted [default: lbd's, 60]
+        #[arg(long, value_name = "SECS")]
+        idle_timeout: Option<u64>,
+    },
+    /// Make lbd's VIPs those of a config file's [[vip]] list (its [settings] are ignored).
+    Apply {
+        /// The config file (lb.toml format).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Show the changes without applying them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the running settings and VIPs as a config file.
+    Export,
+}
+
+#[derive(Subcommand, Debug)]
+enum VipCommand {
+    /// Add a VIP without backends.
+    Add {
+        #[arg(help = VIP_HELP)]
+        vip: VipId,
+        /// Maglev table size, a prime [default: 65537]
+        #[arg(long, value_name = "N")]
+        ring_size: Option<u32>,
+        /// 5tuple or src-ip [default: 5tuple]
+        #[arg(long, value_name = "MODE")]
+        hash: Option<HashMode>,
+    },
+    /// Remove a VIP and its backends.
+    Del {
+        #[arg(help = VIP_HELP)]
+        vip: VipId,
+    },
+    /// One line per VIP: table size, hash mode, backend count.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum BackendCommand {
+    /// Add a backend to a VIP.
+    Add {
+        #[arg(help = VIP_HELP)]
+        vip: VipId,
+        #[arg(help = ADDR_HELP)]
+        addr: IpAddr,
+        /// Relative weight, 0..=65535 (0 takes no new flows) [default: 100]
+        #[arg(long, value_name = "W")]
+        weight: Option<u32>,
+    },
+    /// Remove a backend: its flows move to other backends.
+    Del {
+        #[arg(help = VIP_HELP)]
+        vip: VipId,
+        #[arg(help = ADDR_HELP)]
+        addr: IpAddr,
+    },
+    /// Set a backend's weight.
+    Weight {
+        #[arg(help = VIP_HELP)]
+        vip: VipId,
+        #[arg(help = ADDR_HELP)]
+        addr: IpAddr,
+        /// Relative weight, 0..=65535 (0 takes no new flows)
+        #[arg(value_name = "W")]
+        weight: u32,
+    },
+    /// Stop new flows to a backend; its flows stay.
+    Drain {
+        #[arg(help = VIP_HELP)]
+        vip: VipId,
+        #[arg(help = ADDR_HELP)]
+        addr: IpAddr,
+        /// Wait until the backend has no live flows left.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long.
+        #[arg(long, value_name = "SECS", default_value_t = 300, requires = "wait")]
+        timeout: u64,
+        /// With --wait: a flow not seen for this long is not counted.
+        #[arg(long, value_name = "SECS", default_value_t = DEFAULT_IDLE_TIMEOUT_SECS, requires = "wait")]
+        idle_timeout: u64,
+    },
+    /// Let a drained backend take new flows again.
+    Undrain {
+        #[arg(help = VIP_HELP)]
+        vip: VipId,
+        #[arg(help = ADDR_HELP)]
+        addr: IpAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        // A reader that went away (`lbctl status | head -1`) is not lbctl's failure.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lbctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<io::Error>()
+        .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+/// `--socket`, else `$LBCTL_SOCKET`, else lbd's default.
+fn socket_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| {
+        std::env::var_os(SOCKET_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+    .unwrap_or_else(|| DEFAULT_SOCKET.into())
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let client = Client::new(socket_path(args.socket));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow!("starting the tokio runtime: {e}"))?;
+    runtime.block_on(execute(&client, args.command, args.json))
+}
+
+async fn execute(client: &Client, command: Command, json: bool) -> anyhow::Result<()> {
+    match command {
+        Command::Vip(VipCommand::Add {
+            vip,
+            ring_size,
+            hash,
+        }) => {
+            change(
+                client,
+                Change::VipAdd {
+                    vip,
+                    ring_size,
+                    hash,
+                },
+                json,
+            )
+            .await
+        }
+        Command::Vip(VipCommand::Del { vip }) => change(client, Change::VipDel { vip }, json).await,
+        Command::Vip(VipCommand::List) => {
+            let state = client.state().await?;
+            if json {
+                print_json(&state)
+            } else {
+                print(&output::vip_list(&state.vip))
+            }
+        }
+        Command::Backend(command) => backend(client, command, json).await,
+        Command::Status { idle_timeout } => {
+            let status = client.status(idle_timeout).await?;
+            if json {
+                print_json(&status)
+            } else {
+                print(&output::status_table(&status))
+            }
+        }
+        Command::Apply { file, dry_run } => {
+            // Read and checked here first: a broken file is named before lbd is asked anything.
+            let config = config::load_config(&file)?;
+            let request = ApplyRequest {
+                vip: config.state.into_vips(),
+                dry_run,
+            };
+            let reply = client.apply(&request).await?;
+            if json {
+                print_json(&reply)
+            } else {
+                print(&output::apply_report(&reply, dry_run))
+            }
+        }
+        Command::Export => {
+            let state = client.state().await?;
+            if json {
+                return print_json(&state);
+            }
+            let vips = DesiredState::from_vips(state.vip)
+                .map_err(|e| anyhow!("lbd's state does not validate: {e}"))?;
+            let config = Config {
+                settings: state.settings,
+                state: vips,
+            };
+            print(&config.to_toml())
+        }
+    }
+}
+
+async fn backend(client: &Client, command: BackendCommand, json: bool) -> anyhow::Result<()> {
+    let one = match command {
+        BackendCommand::Add { vip, addr, weight } => Change::BackendAdd {
+            vip,
+            address: addr,
+            weight,
+        },
+        BackendCommand::Del { vip, addr } => Change::BackendDel { vip, address: addr },
+        BackendCommand::Weight { vip, addr, weight } => Change::BackendWeight {
+            vip,
+            address: addr,
+            weight,
+        },
+        BackendCommand::Drain {
+            vip,
+            addr,
+            wait: true,
+            timeout,
+            idle_timeout,
+        } => {
+            let query = FlowsQuery {
+                vip,
+                backend: addr,
+                idle_timeout: Some(idle_timeout),
+                wait: true,
+                timeout: Some(timeout),
+            };
+            return drain_and_wait(client, &query, json).await;
+        }
+        BackendCommand::Drain { vip, addr, .. } => Change::BackendDrain { vip, address: addr },
+        BackendCommand::Undrain { vip, addr } => Change::BackendUndrain { vip, address: addr },
+    };
+    change(client, one, json).await
+}
+
+/// Sends one change; prints `ok: <change>` or the reply.
+async fn change(client: &Client, change: Change, json: bool) -> anyhow::Result<()> {
+    let reply = client
+        .changes(&ChangeRequest {
+            changes: vec![change],
+            dry_run: false,
+        })
+        .await?;
+    if json {
+        return print_json(&reply);
+    }
+    let mut text = String::new();
+    for c in &reply.changes {
+        writeln!(text, "ok: {c}").expect("writing to a String");
+    }
+    print(&text)
+}
+
+/// Drains, then follows the backend's flow count until lbd says it is zero or gives up.
+async fn drain_and_wait(client: &Client, query: &FlowsQuery, json: bool) -> anyhow::Result<()> {
+    let addr = query.backend;
+    client
+        .changes(&ChangeRequest {
+            changes: vec![Change::BackendDrain {
+                vip: query.vip,
+                address: addr,
+            }],
+            dry_run: false,
+        })
+        .await?;
+
+    let mut progress = output::DrainProgress::new(addr);
+    // The callback cannot return an error: keep the first failed write for after the wait.
+    let mut write_error: Option<io::Error> = None;
+    let on_line = |p: &lb_userspace::api::proto::FlowProgress| {
+        if write_error.is_some() {
+            return;
+        }
+        let line = if json {
+            Some(serde_json::to_string(p).expect("API messages always serialize"))
+        } else {
+            progress.line(p)
+        };
+        if let Some(line) = line {
+            write_error = writeln!(io::stdout(), "{line}").err();
+        }
+    };
+    // lbd ends the stream at the timeout; this only guards against an lbd that hangs.
+    let limit = Duration::from_secs(query.timeout.unwrap_or(0)) + WAIT_SLACK;
+    let last = tokio::time::timeout(limit, client.wait_flows(query, on_line))
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "{addr}: lbd did not end the wait within {} s",
+                limit.as_secs()
+            )
+        })??;
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    if let Some(e) = last.error {
+        bail!("{addr}: {e}");
+    }
+    Ok(())
+}
+
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut stdout = io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()?;
+    Ok(())
+}
+
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string_pretty(value).expect("API messages always serialize");
+    text.push('\n');
+    print(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, error::ErrorKind};
+
+    use super::*;
+
+    fn parse(line: &str) -> Result<Args, clap::Error> {
+        Args::try_parse_from(line.split_whitespace())
+    }
+
+    fn error(line: &str) -> String {
+        parse(line).expect_err(line).render().to_string()
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_parses() {
+        let vip: VipId = "10.0.0.1:80/tcp".parse().unwrap();
+        let addr: IpAddr = "10.1.0.1".parse().unwrap();
+        let cases: Vec<(&str, Command)> = vec![
+            (
+                "lbctl vip add 10.0.0.1:80/tcp --ring-size 251 --hash src-ip",
+                Command::Vip(VipCommand::Add {
+                    vip,
+                    ring_size: Some(251),
+                    hash: Some(HashMode::SrcIp),
+                }),
+            ),
+            (
+                "lbctl vip add 10.0.0.1:80/tcp",
+                Command::Vip(VipCommand::Add {
+                    vip,
+                    ring_size: None,
+                    hash: None,
+                }),
+            ),
+            (
+                "lbctl vip del 10.0.0.1:80/tcp",
+                Command::Vip(VipCommand::Del { vip }),
+            ),
+            ("lbctl vip list", Command::Vip(VipCommand::List)),
+            (
+                "lbctl backend add 10.0.0.1:80/tcp 10.1.0.1 --weight 70000",
+                Command::Backend(BackendCommand::Add {
+                    vip,
+                    addr,
+                    weight: Some(70_000),
+                }),
+            ),
+            (
+                "lbctl backend del 10.0.0.1:80/tcp 10.1.0.1",
+                Command::Backend(BackendCommand::Del { vip, addr }),
+            ),
+            (
+                "lbctl backend weight 10.0.0.1:80/tcp 10.1.0.1 50",
+                Command::Backend(BackendCommand::Weight {
+                    vip,
+                    addr,
+                    weight: 50,
+                }),
+            ),
+            (
+                "lbctl backend drain 10.0.0.1:80/tcp 10.1.0.1",
+                Command::Backend(BackendCommand::Drain {
+                    vip,
+                    addr,
+                    wait: false,
+                    timeout: 300,
+                    idle_timeout: 60,
+                }),
+            ),
+            (
+                "lbctl backend drain 10.0.0.1:80/tcp 10.1.0.1 --wait --timeout 5 --idle-timeout 2",
+                Command::Backend(BackendCommand::Drain {
+                    vip,
+                    addr,
+                    wait: true,
+                    timeout: 5,
+                    idle_timeout: 2,
+                }),
+            ),
+            (
+                "lbctl backend undrain 10.0.0.1:80/tcp 10.1.0.1",
+                Command::Backend(BackendCommand::Undrain { vip, addr }),
+            ),
+            ("lbctl status", Command::Status { idle_timeout: None }),
+            (
+                "lbctl status --idle-timeout 5",
+                Command::Status {
+                    idle_timeout: Some(5),
+                },
+            ),
+            (
+                "lbctl apply -f lb.toml --dry-run",
+                Command::Apply {
+                    file: "lb.toml".into(),
+                    dry_run: true,
+                },
+            ),
+            (
+                "lbctl apply --file lb.toml",
+                Command::Apply {
+                    file: "lb.toml".into(),
+                    dry_run: false,
+                },
+            ),
+            ("lbctl export", Command::Export),
+        ];
+        for (line, want) in cases {
+            let args = parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            // The derive's Debug is the simplest structural comparison of the parsed command.
+            assert_eq!(format!("{:?}", args.command), format!("{want:?}"), "{line}");
+            assert!(!args.json);
+            assert_eq!(args.socket, None);
+        }
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        for line in [
+            "lbctl --json --socket /tmp/x.sock status",
+            "lbctl status --json --socket /tmp/x.sock",
+            "lbctl backend --socket /tmp/x.sock del 10.0.0.1:80/tcp 10.1.0.1 --json",
+        ] {
+            let args = parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert!(args.json, "{line}");
+            assert_eq!(args.socket, Some("/tmp/x.sock".into()), "{line}");
+        }
+        // The flag wins over the environment, which wins over the default (the environment
+        // itself is not touched here: tests run in parallel).
+        assert_eq!(socket_path(Some("/a".into())), PathBuf::from("/a"));
+    }
+
+    #[test]
+    fn bad_values_name_the_argument() {
+        for (line, want) in [
+            (
+                "lbctl vip add 10.0.0.1:80",
+                "invalid value '10.0.0.1:80' for '<VIP>': \"10.0.0.1:80\" is not a valid VIP: expected \"address:port/protocol\"",
+            ),
+            (
+                "lbctl vip del 10.0.0.1:80/sctp",
+                "for '<VIP>': \"10.0.0.1:80/sctp\" is not a valid VIP: the protocol must be \"tcp\" or \"udp\"",
+            ),
+            (
+                "lbctl backend add 10.0.0.1:80/tcp 10.1.0",
+                "invalid value '10.1.0' for '<ADDR>': invalid IP address syntax",
+            ),
+            (
+                "lbctl backend weight 10.0.0.1:80/tcp 10.1.0.1 -1",
+                "unexpected argument '-1'",
+            ),
+            (
+                "lbctl backend weight 10.0.0.1:80/tcp 10.1.0.1 heavy",
+                "invalid value 'heavy' for '<W>'",
+            ),
+            (
+                "lbctl vip add 10.0.0.1:80/tcp --hash 5-tuple",
+                "invalid value '5-tuple' for '--hash <MODE>': \"5-tuple\" is not a valid hash mode",
+            ),
+            (
+                "lbctl backend drain 10.0.0.1:80/tcp 10.1.0.1 --timeout 5",
+                "the following required arguments were not provided:\n  --wait",
+            ),
+        ] {
+            let e = error(line);
+            assert!(e.contains(want), "{line}:\ngot  {e}\nwant {want}");
+        }
+        for (line, kind) in [
+            ("lbctl", ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand),
+            (
+                "lbctl vip",
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand,
+            ),
+            (
+                "lbctl backend add 10.0.0.1:80/tcp",
+                ErrorKind::MissingRequiredArgument,
+            ),
+            ("lbctl apply", ErrorKind::MissingRequiredArgument),
+            ("lbctl export extra", ErrorKind::UnknownArgument),
+        ] {
+            assert_eq!(parse(line).expect_err(line).kind(), kind, "{line}");
+        }
+    }
+}

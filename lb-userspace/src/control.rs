@@ -1,0 +1,296 @@
+//! The agent's control logic, without a kernel: a request is checked whole (validation, then
+//! room in the data plane), saved, and only then written to the data plane. A refused request
+//! leaves the state, the state file and the data plane as they were.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use lb_common::keys::{SLOT_ACTIVE, SLOT_DRAINING};
+
+use crate::{
+    api::{
+        ApiError, ErrorKind,
+        proto::{
+            ApplyRequest, BackendState, BackendStatus, ChangeReply, ChangeRequest, StateReply,
+            Status, VipStatus,
+        },
+    },
+    change::{Change, apply_all, diff},
+    config::Settings,
+    dataplane::DataPlane,
+    model::{DesiredState, VipId},
+    reconcile::{BackendPlan, Egress, ReconcileError, Reconciler, VipPlan},
+    store::StateStore,
+};
+
+/// Turns the desired state plus what is known of next hops into reconcile's input.
+pub fn plans(state: &DesiredState, egress: &BTreeMap<IpAddr, Egress>) -> Vec<VipPlan> {
+    state
+        .vips
+        .values()
+        .map(|vip| VipPlan {
+            key: vip.id.key(),
+            flags: vip.hash.vip_flags(),
+            ring_size: vip.ring_size,
+            backends: vip
+                .backends
+                .iter()
+                .map(|b| BackendPlan {
+                    addr: b.addr,
+                    weight: b.effective_weight(),
+                    egress: egress.get(&b.addr).copied(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// A validated request waiting for its new backends' next hops, then [`Control::commit`].
+#[derive(Debug)]
+pub struct Pending {
+    state: DesiredState,
+    changes: Vec<Change>,
+    dry_run: bool,
+}
+
+impl Pending {
+    /// Backend addresses of the new state.
+    pub fn backend_addrs(&self) -> Vec<IpAddr> {
+        let mut addrs: Vec<IpAddr> = self
+            .state
+            .vips
+            .values()
+            .flat_map(|v| v.backends.iter().map(|b| b.addr))
+            .collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        addrs
+    }
+
+    pub fn is_dry_run(&self) -> bool {
+        self.dry_run
+    }
+}
+
+/// A status with every backend's flow count still to fill in (counting scans the flow table,
+/// which is done off the agent's loop).
+#[derive(Debug)]
+pub struct StatusTemplate {
+    status: Status,
+    /// (vip index, backend index, slot and generation) of every installed backend.
+    keys: Vec<(usize, usize, (u32, u32))>,
+}
+
+impl StatusTemplate {
+    pub fn fill(mut self, counts: &std::collections::HashMap<(u32, u32), u64>) -> Status {
+        for (v, b, key) in self.keys {
+            self.status.vips[v].backends[b].flows = counts.get(&key).copied().unwrap_or(0);
+        }
+        self.status
+    }
+}
+
+/// Owner of the desired state, its saved copy and the data plane.
+pub struct Control<D> {
+    pub settings: Settings,
+    state: DesiredState,
+    store: StateStore,
+    dp: D,
+    reconciler: Reconciler,
+    /// Next hops of backends, as last resolved.
+    pub egress: BTreeMap<IpAddr, Egress>,
+}
+
+impl<D: DataPlane> Control<D> {
+    pub fn new(
+        settings: Settings,
+        state: DesiredState,
+        store: StateStore,
+        dp: D,
+        reconciler: Reconciler,
+        egress: BTreeMap<IpAddr, Egress>,
+    ) -> Self {
+        Self {
+            settings,
+            state,
+            store,
+            dp,
+            reconciler,
+            egress,
+        }
+    }
+
+    pub fn state(&self) -> &DesiredState {
+        &self.state
+    }
+
+    pub fn dp(&self) -> &D {
+        &self.dp
+    }
+
+    pub fn dp_mut(&mut self) -> &mut D {
+        &mut self.dp
+    }
+
+    /// Brings the data plane to the current state and next hops.
+    pub fn reconcile(&mut self) -> Result<(), ReconcileError> {
+        self.reconciler
+            .apply(&mut self.dp, &plans(&self.state, &self.egress))
+    }
+
+    pub fn state_reply(&self) -> StateReply {
+        StateReply {
+            settings: self.settings,
+            vip: self.state.vips.values().cloned().collect(),
+        }
+    }
+
+    /// Validates a list of changes against the current state.
+    pub fn prepare_changes(&self, request: ChangeRequest) -> Result<Pending, ApiError> {
+        if request.changes.is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
+                "changes: the list is empty",
+            ));
+        }
+        let state = apply_all(&self.state, &request.changes).map_err(|e| {
+            let mut e = ApiError::from(e);
+            if request.changes.len() > 1 {
+                e.message = format!("changes: {}", e.message);
+            }
+            e
+        })?;
+        Ok(Pending {
+            state,
+            changes: request.changes,
+            dry_run: request.dry_run,
+        })
+    }
+
+    /// Validates a whole wanted VIP list and computes the diff to it.
+    pub fn prepare_apply(&self, request: ApplyRequest) -> Result<Pending, ApiError> {
+        let wanted = DesiredState::from_vips(request.vip)?;
+        let changes = diff(&self.state, &wanted);
+        // The diff reaches `wanted` up to backend order; keep the order the file gives.
+        apply_all(&self.state, &changes).map_err(|e| {
+            ApiError::new(
+                ErrorKind::Internal,
+                format!("the computed diff does not apply: {e}"),
+            )
+        })?;
+        Ok(Pending {
+            state: wanted,
+            changes,
+            dry_run: request.dry_run,
+        })
+    }
+
+    /// Checks room in the data plane, saves, then writes the data plane. A dry run, or an
+    /// empty change, stops after the check.
+    pub fn commit(&mut self, pending: Pending) -> Result<ChangeReply, ApiError> {
+        self.reconciler
+            .check(&plans(&pending.state, &self.egress))
+            .map_err(ApiError::from)?;
+        if pending.dry_run || pending.changes.is_empty() {
+            return Ok(ChangeReply {
+                applied: false,
+                changes: pending.changes,
+            });
+        }
+        self.store
+            .save(&pending.state)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        self.state = pending.state;
+        if let Err(e) = self.reconcile() {
+            // Saved and accepted: the agent's loop retries until the data plane matches.
+            return Err(ApiError::new(
+                ErrorKind::Internal,
+                format!("change saved, but writing the data plane failed (lbd retries): {e}"),
+            ));
+        }
+        Ok(ChangeReply {
+            applied: true,
+            changes: pending.changes,
+        })
+    }
+
+    /// The slot and generation flows of this backend carry.
+    pub fn flow_key(&self, vip: &VipId, addr: IpAddr) -> Result<(u32, u32), ApiError> {
+        let spec = self.state.vip(vip).ok_or_else(|| {
+            ApiError::new(ErrorKind::NotFound, format!("vip[\"{vip}\"]: no such VIP"))
+        })?;
+        let no_backend = || {
+            ApiError::new(
+                ErrorKind::NotFound,
+                format!("vip[\"{vip}\"].backends[\"{addr}\"]: no such backend"),
+            )
+        };
+        spec.backend(addr).ok_or_else(no_backend)?;
+        self.reconciler
+            .backend_slots(&vip.key())
+            .into_iter()
+            .find(|(a, _, _)| *a == addr)
+            .map(|(_, slot, value)| (slot, value.generation))
+            // Wanted but not installed (yet): no flow can be on it.
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "vip[\"{vip}\"].backends[\"{addr}\"]: not installed in the data plane yet"
+                    ),
+                )
+            })
+    }
+
+    /// Everything of `lbctl status` but the flow counts.
+    pub fn status_template(&self, idle_timeout_secs: u64) -> StatusTemplate {
+        let mut keys = Vec::new();
+        let vips = self
+            .state
+            .vips
+            .values()
+            .enumerate()
+            .map(|(v, spec)| {
+                let installed = self.reconciler.backend_slots(&spec.id.key());
+                let backends = spec
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .map(|(b, backend)| {
+                        let slot = installed.iter().find(|(a, _, _)| *a == backend.addr);
+                        let state = match slot.map(|(_, _, value)| value.state) {
+                            Some(SLOT_ACTIVE) => BackendState::Active,
+                            Some(SLOT_DRAINING) => BackendState::Draining,
+                            _ => BackendState::Down,
+                        };
+                        if let Some((_, index, value)) = slot {
+                            keys.push((v, b, (*index, value.generation)));
+                        }
+                        BackendStatus {
+                            address: backend.addr,
+                            weight: backend.weight,
+                            drain: backend.drain,
+                            state,
+                            flows: 0,
+                        }
+                    })
+                    .collect();
+                VipStatus {
+                    vip: spec.id,
+                    ring_size: spec.ring_size,
+                    hash: spec.hash,
+                    backends,
+                }
+            })
+            .collect();
+        StatusTemplate {
+            status: Status {
+                idle_timeout_secs,
+                vips,
+            },
+            keys,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

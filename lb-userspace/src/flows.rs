@@ -1,0 +1,145 @@
+//! Live flows per backend, counted from a scan of the flow table: what drain waits on and what
+//! status reports. Time is in the data plane's ticks (coarse monotonic ns >> 30, about seconds),
+//! so entries are compared with the clock that wrote them.
+
+use std::{collections::HashMap, time::Duration};
+
+use lb_common::{FlowValue, keys::FLOW_F_CLOSED};
+
+use crate::dataplane::{DataPlaneError, FlowTable};
+
+/// Nanoseconds per tick: the data plane stores `bpf_ktime_get_coarse_ns() >> 30`.
+const TICK_SHIFT: u32 = 30;
+
+/// The data plane's current tick: `CLOCK_MONOTONIC_COARSE` (what `bpf_ktime_get_coarse_ns`
+/// reads) in ns, shifted right by 30.
+pub fn now_tick() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-parameter; CLOCK_MONOTONIC_COARSE exists on every Linux this
+    // runs on (2.6.32+), so the call cannot fail.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE)");
+    let ns = (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64);
+    (ns >> TICK_SHIFT) as u32
+}
+
+/// `d` in ticks, rounded up (a flow idle for less than `d` must not count as gone).
+pub fn idle_ticks(d: Duration) -> u32 {
+    let ns = d.as_nanos();
+    let ticks = ns.div_ceil(1 << TICK_SHIFT);
+    u32::try_from(ticks).unwrap_or(u32::MAX)
+}
+
+/// Whether an entry is a live flow at `now_tick`: seen within `idle_ticks`, and not closed (a
+/// closed entry counts until the tick in which its FIN or RST was seen ends).
+pub fn is_live(v: &FlowValue, now_tick: u32, idle_ticks: u32) -> bool {
+    // The data plane may have stamped a tick our read of the clock has not reached yet; the
+    // signed difference treats that as "just seen" (and survives the u32 wrap).
+    let idle = now_tick.wrapping_sub(v.last_seen) as i32;
+    let idle = idle.max(0) as u32;
+    if v.flags & FLOW_F_CLOSED != 0 && idle > 0 {
+        return false;
+    }
+    idle <= idle_ticks
+}
+
+/// Live flows per (slot, generation), from one scan of `table`. A backend's count is the entry
+/// for its slot and current generation; older generations are flows of a previous occupant.
+pub fn count_live(
+    table: &dyn FlowTable,
+    now_tick: u32,
+    idle_ticks: u32,
+) -> Result<HashMap<(u32, u32), u64>, DataPlaneError> {
+    let mut counts = HashMap::new();
+    table.for_each_flow(&mut |v| {
+        if is_live(v, now_tick, idle_ticks) {
+            *counts.entry((v.slot, v.generation)).or_default() += 1;
+        }
+    })?;
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::fake::FakeFlows;
+
+    fn flow(slot: u32, generation: u32, last_seen: u32, flags: u32) -> FlowValue {
+        FlowValue {
+            slot,
+            generation,
+            last_seen,
+            flags,
+        }
+    }
+
+    #[test]
+    fn idle_ticks_round_up() {
+        assert_eq!(idle_ticks(Duration::ZERO), 0);
+        assert_eq!(idle_ticks(Duration::from_nanos(1)), 1);
+        assert_eq!(idle_ticks(Duration::from_nanos(1 << 30)), 1);
+        assert_eq!(idle_ticks(Duration::from_nanos((1 << 30) + 1)), 2);
+        // 60 s is 55.9 ticks.
+        assert_eq!(idle_ticks(Duration::from_mins(1)), 56);
+        assert_eq!(idle_ticks(Duration::MAX), u32::MAX);
+    }
+
+    #[test]
+    fn open_flows_live_until_idle_too_long() {
+        let now = 1000;
+        assert!(is_live(&flow(1, 1, now, 0), now, 0));
+        assert!(is_live(&flow(1, 1, now - 60, 0), now, 60));
+        assert!(!is_live(&flow(1, 1, now - 61, 0), now, 60));
+        // Stamped by the data plane in a tick our clock read has not reached yet.
+        assert!(is_live(&flow(1, 1, now + 1, 0), now, 0));
+    }
+
+    #[test]
+    fn closed_flows_are_gone_once_their_tick_has_passed() {
+        let now = 1000;
+        assert!(is_live(&flow(1, 1, now, FLOW_F_CLOSED), now, 60));
+        assert!(!is_live(&flow(1, 1, now - 1, FLOW_F_CLOSED), now, 60));
+        assert!(is_live(&flow(1, 1, now + 1, FLOW_F_CLOSED), now, 60));
+    }
+
+    #[test]
+    fn ticks_survive_the_u32_wrap() {
+        assert!(is_live(&flow(1, 1, u32::MAX, 0), 5, 10));
+        assert!(!is_live(&flow(1, 1, u32::MAX - 20, 0), 5, 10));
+    }
+
+    #[test]
+    fn count_live_groups_by_slot_and_generation() {
+        let now = 500;
+        let table = FakeFlows::with([
+            flow(3, 1, now, 0),
+            flow(3, 1, now - 2, 0),
+            // An older occupant of slot 3.
+            flow(3, 0, now, 0),
+            flow(4, 7, now, FLOW_F_CLOSED),
+            // Gone: closed in an earlier tick, or idle too long.
+            flow(4, 7, now - 1, FLOW_F_CLOSED),
+            flow(5, 1, now - 11, 0),
+        ]);
+        let counts = count_live(&table, now, 10).unwrap();
+        let expected: HashMap<(u32, u32), u64> = [((3, 1), 2), ((3, 0), 1), ((4, 7), 1)]
+            .into_iter()
+            .collect();
+        assert_eq!(counts, expected);
+
+        table.push(flow(5, 1, now, 0));
+        assert_eq!(count_live(&table, now, 10).unwrap()[&(5, 1)], 1);
+    }
+
+    #[test]
+    fn now_tick_follows_the_coarse_clock() {
+        let a = now_tick();
+        let b = now_tick();
+        assert!(b.wrapping_sub(a) <= 1, "{a} then {b}");
+    }
+}
