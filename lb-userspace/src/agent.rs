@@ -204,7 +204,7 @@ impl Agent {
             )
             .await
             {
-                    Ok(results) => {
+                Ok(results) => {
                     let mut wanted = backend_addrs(self.control.state());
                     wanted.extend(new);
                     self.absorb(results, &wanted);
@@ -281,11 +281,8 @@ impl Agent {
     ) {
         let table = self.control.dp().flow_table();
         tokio::task::spawn_blocking(move || {
-            let counts = flows::count_live(
-                &*table,
-                flows::now_tick(),
-                flows::idle_ticks(idle_timeout),
-            );
+            let counts =
+                flows::count_live(&*table, flows::now_tick(), flows::idle_ticks(idle_timeout));
             let result = counts
                 .map(|c| finish(&c))
                 .map_err(|e| ApiError::new(ErrorKind::Internal, format!("flow table: {e}")));

@@ -90,9 +90,7 @@ impl Change {
                 address,
                 weight,
             } => state.set_weight(&vip, address, weight).map(drop),
-            Change::BackendDrain { vip, address } => {
-                state.set_drain(&vip, address, true).map(drop)
-            }
+            Change::BackendDrain { vip, address } => state.set_drain(&vip, address, true).map(drop),
             Change::BackendUndrain { vip, address } => {
                 state.set_drain(&vip, address, false).map(drop)
             }
@@ -361,11 +359,26 @@ backends = [{ address = "10.1.0.9", weight = 0 }]
             c
         );
         for (bad, why) in [
-            (r#"{"op":"vip_add","vip":"10.0.0.1:80/tcp","port":1}"#, "unknown field `port`"),
-            (r#"{"op":"vip_frob","vip":"10.0.0.1:80/tcp"}"#, "unknown variant `vip_frob`"),
-            (r#"{"op":"vip_del","vip":"10.0.0.1:80/sctp"}"#, "the protocol must be"),
-            (r#"{"op":"backend_del","vip":"10.0.0.1:80/tcp","address":"10.1.0"}"#, "invalid IP address syntax"),
-            (r#"{"op":"backend_weight","vip":"10.0.0.1:80/tcp","address":"10.1.0.1","weight":-1}"#, "invalid value: integer `-1`"),
+            (
+                r#"{"op":"vip_add","vip":"10.0.0.1:80/tcp","port":1}"#,
+                "unknown field `port`",
+            ),
+            (
+                r#"{"op":"vip_frob","vip":"10.0.0.1:80/tcp"}"#,
+                "unknown variant `vip_frob`",
+            ),
+            (
+                r#"{"op":"vip_del","vip":"10.0.0.1:80/sctp"}"#,
+                "the protocol must be",
+            ),
+            (
+                r#"{"op":"backend_del","vip":"10.0.0.1:80/tcp","address":"10.1.0"}"#,
+                "invalid IP address syntax",
+            ),
+            (
+                r#"{"op":"backend_weight","vip":"10.0.0.1:80/tcp","address":"10.1.0.1","weight":-1}"#,
+                "invalid value: integer `-1`",
+            ),
         ] {
             let e = serde_json::from_str::<Change>(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");

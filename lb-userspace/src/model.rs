@@ -451,7 +451,12 @@ impl DesiredState {
     }
 
     /// Drains (`true`) or undrains a backend; returns whether it was draining.
-    pub fn set_drain(&mut self, vip: &VipId, addr: IpAddr, drain: bool) -> Result<bool, ModelError> {
+    pub fn set_drain(
+        &mut self,
+        vip: &VipId,
+        addr: IpAddr,
+        drain: bool,
+    ) -> Result<bool, ModelError> {
         let spec = self.existing(vip)?;
         let i = backend_index(spec, addr)?;
         let backend = &mut self.vips.get_mut(vip).expect("checked above").backends[i];

@@ -131,8 +131,7 @@ mod tests {
 
     impl TempDir {
         fn new(tag: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("lb-store-{tag}-{}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("lb-store-{tag}-{}", std::process::id()));
             fs::remove_dir_all(&dir).ok();
             fs::create_dir_all(&dir).unwrap();
             Self(dir)
@@ -180,7 +179,10 @@ mod tests {
         let truncated = &full[..full.len() * 2 / 3];
         fs::write(&path, truncated).unwrap();
         let e = store.load().unwrap_err().to_string();
-        assert!(e.starts_with(&format!("state file {}:", path.display())), "{e}");
+        assert!(
+            e.starts_with(&format!("state file {}:", path.display())),
+            "{e}"
+        );
         assert!(e.contains("will not start over it"), "{e}");
         assert_eq!(fs::read_to_string(&path).unwrap(), truncated);
     }

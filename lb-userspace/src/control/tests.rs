@@ -1,11 +1,7 @@
 use std::{collections::HashMap, fs, path::PathBuf};
 
 use super::*;
-use crate::{
-    config::parse_config,
-    dataplane::fake::FakeDataPlane,
-    reconcile::DEFAULT_QUARANTINE,
-};
+use crate::{config::parse_config, dataplane::fake::FakeDataPlane, reconcile::DEFAULT_QUARANTINE};
 
 struct TempDir(PathBuf);
 
@@ -90,13 +86,21 @@ fn accepted_changes_are_saved_and_installed() {
     )
     .unwrap();
     let slots = c.reconciler.backend_slots(&key);
-    let drained = slots.iter().find(|(a, _, _)| a.to_string() == "10.1.0.2").unwrap();
+    let drained = slots
+        .iter()
+        .find(|(a, _, _)| a.to_string() == "10.1.0.2")
+        .unwrap();
     assert_eq!(drained.2.state, SLOT_DRAINING);
     let table = c.dp().table_of(&key).unwrap();
     assert!(table.iter().all(|&s| s != drained.1));
-    let status = c.status_template(60).fill(&HashMap::from([((drained.1, drained.2.generation), 7)]));
+    let status = c
+        .status_template(60)
+        .fill(&HashMap::from([((drained.1, drained.2.generation), 7)]));
     let b = &status.vips[0].backends[1];
-    assert_eq!((b.state, b.drain, b.weight, b.flows), (BackendState::Draining, true, 50, 7));
+    assert_eq!(
+        (b.state, b.drain, b.weight, b.flows),
+        (BackendState::Draining, true, 50, 7)
+    );
     assert_eq!(status.vips[0].backends[0].state, BackendState::Active);
 }
 
@@ -142,12 +146,20 @@ fn refusals_change_nothing() {
             ErrorKind::BadRequest,
             "ring pool exhausted",
         ),
-        (r#"{"changes":[]}"#, ErrorKind::BadRequest, "changes: the list is empty"),
+        (
+            r#"{"changes":[]}"#,
+            ErrorKind::BadRequest,
+            "changes: the list is empty",
+        ),
     ];
     for (json, kind, message) in cases {
         let e = run(&mut c, json).unwrap_err();
         assert_eq!(e.kind, kind, "{json}: {e}");
-        assert!(e.message.contains(message), "{json}:\n got {}\nwant {message}", e.message);
+        assert!(
+            e.message.contains(message),
+            "{json}:\n got {}\nwant {message}",
+            e.message
+        );
         assert_eq!(c.state(), &state);
         assert_eq!(fs::read(dir.0.join("state.toml")).unwrap(), file);
         assert_eq!(c.dp().ops.len(), ops, "{json} wrote to the data plane");
@@ -237,7 +249,10 @@ backends = [{ address = "10.1.0.3", drain = true }]
             dry_run: false,
         })
         .unwrap_err();
-    assert_eq!(e.message, "vip[1].ring_size: 8 is not prime (the next prime is 11)");
+    assert_eq!(
+        e.message,
+        "vip[1].ring_size: 8 is not prime (the next prime is 11)"
+    );
 }
 
 #[test]
@@ -247,11 +262,19 @@ fn flow_key_names_missing_things() {
     seed(&mut c);
     let web: VipId = WEB.parse().unwrap();
     let (slot, _) = c.flow_key(&web, "10.1.0.1".parse().unwrap()).unwrap();
-    assert!(c.reconciler.backend_slots(&web.key()).iter().any(|(_, s, _)| *s == slot));
+    assert!(
+        c.reconciler
+            .backend_slots(&web.key())
+            .iter()
+            .any(|(_, s, _)| *s == slot)
+    );
     let e = c.flow_key(&web, "10.1.0.7".parse().unwrap()).unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
     let e = c
-        .flow_key(&"10.0.0.5:80/tcp".parse().unwrap(), "10.1.0.1".parse().unwrap())
+        .flow_key(
+            &"10.0.0.5:80/tcp".parse().unwrap(),
+            "10.1.0.1".parse().unwrap(),
+        )
         .unwrap_err();
     assert_eq!(e.message, "vip[\"10.0.0.5:80/tcp\"]: no such VIP");
 }
