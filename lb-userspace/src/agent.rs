@@ -153,7 +153,7 @@ impl Agent {
                     if self.control.egress.contains_key(&addr) {
                         tracing::warn!(backend = %addr, error = %reason, "backend next hop unresolved; keeping the last one");
                     } else {
-                        tracing::error!(backend = %addr, error = %reason, "backend next hop unresolved; backend kept out of the tables");
+                        tracing::warn!(backend = %addr, error = %reason, "backend next hop unresolved; backend kept out of the tables");
                     }
                 }
             }
@@ -190,10 +190,11 @@ impl Agent {
 
     /// Resolves a request's new backends (briefly), then commits it.
     async fn commit(&mut self, pending: Pending) -> Result<api::proto::ChangeReply, ApiError> {
+        // Backends already known to fail are retried by the background lookups, not here.
         let new: Vec<IpAddr> = pending
             .backend_addrs()
             .into_iter()
-            .filter(|a| !self.control.egress.contains_key(a))
+            .filter(|a| !self.control.egress.contains_key(a) && !self.failing.contains_key(a))
             .collect();
         if !new.is_empty() && !pending.is_dry_run() {
             // Resolved neighbours answer in microseconds; a missing one takes the neighbour
@@ -213,7 +214,21 @@ impl Agent {
                 Err(_) => self.resolve_in_background(),
             }
         }
-        self.commit_now(pending)
+        let retry = pending.clone();
+        match self.commit_now(pending) {
+            Err(e) if e.kind == ErrorKind::NoRoom => match self.control.room_after() {
+                Some(wait) => {
+                    tracing::debug!(
+                        ?wait,
+                        "no room until replaced tables leave quarantine; waiting"
+                    );
+                    tokio::time::sleep(wait).await;
+                    self.commit_now(retry)
+                }
+                None => Err(e),
+            },
+            reply => reply,
+        }
     }
 
     fn commit_now(&mut self, pending: Pending) -> Result<api::proto::ChangeReply, ApiError> {

@@ -45,7 +45,7 @@ pub fn plans(state: &DesiredState, egress: &BTreeMap<IpAddr, Egress>) -> Vec<Vip
 }
 
 /// A validated request waiting for its new backends' next hops, then [`Control::commit`].
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Pending {
     state: DesiredState,
     changes: Vec<Change>,
@@ -182,6 +182,15 @@ impl<D: DataPlane> Control<D> {
             changes,
             dry_run: request.dry_run,
         })
+    }
+
+    /// When a change refused for lack of room ([`ErrorKind::NoRoom`]) may fit: slots or table
+    /// regions in quarantine are free after it (a burst of changes can outrun the quarantine
+    /// of the tables it replaces).
+    pub fn room_after(&self) -> Option<std::time::Duration> {
+        self.reconciler
+            .room_in_quarantine()
+            .then(|| self.reconciler.quarantine())
     }
 
     /// Checks room in the data plane, saves, then writes the data plane. A dry run, or an

@@ -311,6 +311,16 @@ impl Reconciler {
             .collect()
     }
 
+    /// True when retired slots or table regions are waiting out their quarantine: room that a
+    /// change refused for lack of it may find a quarantine later.
+    pub fn room_in_quarantine(&self) -> bool {
+        !self.slot_quarantine.is_empty() || self.rings.quarantined_entries() > 0
+    }
+
+    pub fn quarantine(&self) -> Duration {
+        self.quarantine
+    }
+
     /// Checks that `plans` fit in what is free, as `apply` would, without writing anything.
     pub fn check(&mut self, plans: &[VipPlan]) -> Result<(), ReconcileError> {
         self.release_quarantined(Instant::now());

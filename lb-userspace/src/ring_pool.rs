@@ -83,6 +83,11 @@ impl RingPool {
         }
     }
 
+    /// Entries freed but still in quarantine: free soon.
+    pub fn quarantined_entries(&self) -> u32 {
+        self.quarantined.iter().map(|(r, _)| r.len).sum()
+    }
+
     pub fn free_entries(&self) -> u32 {
         self.size - self.taken.iter().map(|r| r.len).sum::<u32>()
     }

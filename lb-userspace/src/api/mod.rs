@@ -50,6 +50,8 @@ pub enum ErrorKind {
     NotFound,
     /// 409: already exists.
     Conflict,
+    /// 507: valid, but the data plane has no room for it (slots, VIP ids, ring pool).
+    NoRoom,
     /// 500: accepted input, failed inside (state file, data plane).
     Internal,
 }
@@ -60,6 +62,7 @@ impl ErrorKind {
             ErrorKind::BadRequest => 400,
             ErrorKind::NotFound => 404,
             ErrorKind::Conflict => 409,
+            ErrorKind::NoRoom => 507,
             ErrorKind::Internal => 500,
         }
     }
@@ -99,10 +102,9 @@ impl From<ModelError> for ApiError {
 impl From<ReconcileError> for ApiError {
     fn from(e: ReconcileError) -> Self {
         let kind = match e {
-            // Capacity: the request asks for more than the data plane holds.
             ReconcileError::TooManyVips { .. }
             | ReconcileError::TooManyBackends { .. }
-            | ReconcileError::RingPoolExhausted { .. } => ErrorKind::BadRequest,
+            | ReconcileError::RingPoolExhausted { .. } => ErrorKind::NoRoom,
             ReconcileError::DataPlane(_) => ErrorKind::Internal,
         };
         Self::new(kind, e.to_string())

@@ -432,9 +432,9 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Refusal> {
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de)
-        .map_err(|e| Refusal::bad_request(format!("request body: {e}")))?;
+        .map_err(|e| Refusal::bad_request(format!("request body (JSON): {e}")))?;
     de.end()
-        .map_err(|e| Refusal::bad_request(format!("request body: {e}")))?;
+        .map_err(|e| Refusal::bad_request(format!("request body (JSON): {e}")))?;
     Ok(value)
 }
 

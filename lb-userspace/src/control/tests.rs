@@ -143,7 +143,7 @@ fn refusals_change_nothing() {
         // Valid, but the ring pool (64 entries, 13 in use) has no room for a 61-entry table.
         (
             r#"{"changes":[{"op":"vip_add","vip":"10.0.0.2:80/tcp","ring_size":61}]}"#,
-            ErrorKind::BadRequest,
+            ErrorKind::NoRoom,
             "ring pool exhausted",
         ),
         (
@@ -277,4 +277,27 @@ fn flow_key_names_missing_things() {
         )
         .unwrap_err();
     assert_eq!(e.message, "vip[\"10.0.0.5:80/tcp\"]: no such VIP");
+}
+
+#[test]
+fn room_after_names_the_quarantine_only_when_tables_wait_in_it() {
+    let dir = TempDir::new("room");
+    // Room for two 13-entry tables: the VIP's, and one more during a swap.
+    let mut c = control(&dir, 26);
+    seed(&mut c);
+    assert_eq!(c.room_after(), None, "nothing replaced yet");
+    run(
+        &mut c,
+        r#"{"changes":[{"op":"backend_drain","vip":"10.0.0.1:80/tcp","address":"10.1.0.2"}]}"#,
+    )
+    .unwrap();
+    // The old table waits out its quarantine, so the next swap finds no room yet...
+    let e = run(
+        &mut c,
+        r#"{"changes":[{"op":"backend_undrain","vip":"10.0.0.1:80/tcp","address":"10.1.0.2"}]}"#,
+    )
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NoRoom, "{e}");
+    // ...and says how long until it will.
+    assert_eq!(c.room_after(), Some(DEFAULT_QUARANTINE));
 }
