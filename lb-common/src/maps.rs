@@ -11,6 +11,19 @@ pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
 pub const GLOBAL_STATS: &str = "LB_GLOBAL_STATS";
 pub const CONFIG: &str = "LB_CONFIG";
 pub const TX_PORTS: &str = "LB_TX_PORTS";
+/// Every map of the balancer object (all pinned by lbd).
+pub const BALANCER_MAPS: [&str; 10] = [
+    VIPS,
+    VIP_ADDRS,
+    RINGS,
+    BACKENDS,
+    FLOWS,
+    VIP_STATS,
+    BACKEND_STATS,
+    GLOBAL_STATS,
+    CONFIG,
+    TX_PORTS,
+];
 /// `lb_decap`'s set of VIP addresses it decapsulates for (key: `VipKey` with port and proto zero).
 pub const DECAP_VIPS: &str = "LB_DECAP_VIPS";
 

@@ -202,19 +202,7 @@ fn run_packets(
 ) -> (u64, BTreeSet<Ipv4Addr>) {
     let mut loader = EbpfLoader::new();
     let map_dir = pins.0.join("maps");
-    let names = [
-        maps::VIPS,
-        maps::VIP_ADDRS,
-        maps::RINGS,
-        maps::BACKENDS,
-        maps::FLOWS,
-        maps::VIP_STATS,
-        maps::BACKEND_STATS,
-        maps::GLOBAL_STATS,
-        maps::CONFIG,
-        maps::TX_PORTS,
-    ];
-    for name in names {
+    for name in maps::BALANCER_MAPS {
         assert!(map_dir.join(name).exists(), "{name} pinned");
         loader.map_pin_path(name, map_dir.join(name));
     }

@@ -260,18 +260,7 @@ fn flow_table_scan_sees_every_entry_of_a_full_table() {
 }
 
 /// Every map lbd pins.
-const PINNED: [&str; 10] = [
-    maps::VIPS,
-    maps::VIP_ADDRS,
-    maps::RINGS,
-    maps::BACKENDS,
-    maps::FLOWS,
-    maps::VIP_STATS,
-    maps::BACKEND_STATS,
-    maps::GLOBAL_STATS,
-    maps::CONFIG,
-    maps::TX_PORTS,
-];
+const PINNED: [&str; 10] = maps::BALANCER_MAPS;
 
 fn map_ids(pins: &PinDir) -> Vec<u32> {
     PINNED

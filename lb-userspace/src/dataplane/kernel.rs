@@ -163,18 +163,7 @@ impl FlowTable for KernelFlows {
 }
 
 /// Every map of the balancer object, all pinned.
-const PINNED_MAPS: [&str; 10] = [
-    maps::VIPS,
-    maps::VIP_ADDRS,
-    maps::RINGS,
-    maps::BACKENDS,
-    maps::FLOWS,
-    maps::VIP_STATS,
-    maps::BACKEND_STATS,
-    maps::GLOBAL_STATS,
-    maps::CONFIG,
-    maps::TX_PORTS,
-];
+const PINNED_MAPS: [&str; 10] = maps::BALANCER_MAPS;
 
 impl KernelDataPlane {
     /// Loads `lb_xdp`, reopening every map already pinned under `pin_dir` and creating and

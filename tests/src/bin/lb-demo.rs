@@ -77,8 +77,34 @@ fn demo() -> Result<()> {
         *answered.entry(backend).or_default() += 1;
     }
     println!("\n== answers per backend: {answered:?}");
+
+    // Live reconfiguration: drain one backend, and new requests stop reaching it.
+    let lbctl = lbd.lbctl()?;
+    let vip_id = format!("{}/tcp", SocketAddr::new(vip, PORT));
+    let drained = topo.backends[0].ip().to_string();
+    println!("\n== lbctl backend drain {vip_id} {drained}");
+    print!(
+        "{}",
+        indent(&lbctl.ok(["backend", "drain", &vip_id, &drained])?)
+    );
+    println!("== lbctl status");
+    print!("{}", indent(&lbctl.ok(["status"])?));
+    let mut after: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 1..=REQUESTS {
+        let body = topo
+            .client
+            .ns
+            .exec(["curl", "-sS", "--max-time", "5", &url])
+            .with_context(|| format!("request {i} after the drain"))?;
+        *after.entry(body.trim().to_owned()).or_default() += 1;
+    }
+    println!("== {REQUESTS} more requests, answers per backend: {after:?}");
     println!("== tearing down (lbd stopped, programs detached, namespaces deleted)");
     Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("   {l}\n")).collect()
 }
 
 /// lbd's text log colours its fields; the demo prints plain text.
