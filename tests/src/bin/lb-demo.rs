@@ -104,7 +104,7 @@ fn demo() -> Result<()> {
 }
 
 fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("   {l}\n")).collect()
+    text.lines().flat_map(|l| ["   ", l, "\n"]).collect()
 }
 
 /// lbd's text log colours its fields; the demo prints plain text.
