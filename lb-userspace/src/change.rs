@@ -5,6 +5,7 @@ use std::{fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
+use crate::check::{CheckKind, CheckSpec};
 use crate::model::{
     BackendSpec, DEFAULT_RING_SIZE, DEFAULT_WEIGHT, DesiredState, HashMode, ModelError, VipId,
     VipSpec,
@@ -22,6 +23,22 @@ pub enum Change {
         ring_size: Option<u32>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hash: Option<HashMode>,
+        /// The default check of its backends.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check: Option<CheckSpec>,
+    },
+    /// Sets (or with `None` clears) a VIP's default check.
+    VipCheck {
+        vip: VipId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check: Option<CheckSpec>,
+    },
+    /// Sets (or with `None` clears, so the VIP's applies) a backend's own check.
+    BackendCheck {
+        vip: VipId,
+        address: IpAddr,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check: Option<CheckSpec>,
     },
     /// New table size and hash mode for an existing VIP.
     VipSet {
@@ -37,6 +54,8 @@ pub enum Change {
         address: IpAddr,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         weight: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check: Option<CheckSpec>,
     },
     BackendDel {
         vip: VipId,
@@ -60,16 +79,24 @@ pub enum Change {
 impl Change {
     /// Applies this change to `state`; on error `state` is unchanged.
     pub fn apply(&self, state: &mut DesiredState) -> Result<(), ModelError> {
-        match *self {
+        match self.clone() {
             Change::VipAdd {
                 vip,
                 ring_size,
                 hash,
+                check,
             } => state.add_vip(VipSpec {
                 ring_size: ring_size.unwrap_or(DEFAULT_RING_SIZE),
                 hash: hash.unwrap_or_default(),
+                check,
                 ..VipSpec::new(vip)
             }),
+            Change::VipCheck { vip, check } => state.set_check(&vip, None, check),
+            Change::BackendCheck {
+                vip,
+                address,
+                check,
+            } => state.set_check(&vip, Some(address), check),
             Change::VipSet {
                 vip,
                 ring_size,
@@ -80,9 +107,13 @@ impl Change {
                 vip,
                 address,
                 weight,
+                check,
             } => state.add_backend(
                 &vip,
-                BackendSpec::new(address, weight.unwrap_or(DEFAULT_WEIGHT)),
+                BackendSpec {
+                    check,
+                    ..BackendSpec::new(address, weight.unwrap_or(DEFAULT_WEIGHT))
+                },
             ),
             Change::BackendDel { vip, address } => state.del_backend(&vip, address).map(drop),
             Change::BackendWeight {
@@ -101,6 +132,8 @@ impl Change {
     pub fn vip(&self) -> VipId {
         match *self {
             Change::VipAdd { vip, .. }
+            | Change::VipCheck { vip, .. }
+            | Change::BackendCheck { vip, .. }
             | Change::VipSet { vip, .. }
             | Change::VipDel { vip }
             | Change::BackendAdd { vip, .. }
@@ -120,12 +153,28 @@ impl fmt::Display for Change {
                 vip,
                 ring_size,
                 hash,
-            } => write!(
-                f,
-                "+ vip {vip} ring_size {} hash {}",
-                ring_size.unwrap_or(DEFAULT_RING_SIZE),
-                hash.unwrap_or_default()
-            ),
+                check,
+            } => {
+                write!(
+                    f,
+                    "+ vip {vip} ring_size {} hash {}",
+                    ring_size.unwrap_or(DEFAULT_RING_SIZE),
+                    hash.unwrap_or_default()
+                )?;
+                write_check(f, check.as_ref())
+            }
+            Change::VipCheck { vip, check } => {
+                write!(f, "~ vip {vip}")?;
+                write_check(f, check.as_ref()).and_then(|()| cleared(f, check.as_ref()))
+            }
+            Change::BackendCheck {
+                vip,
+                address,
+                check,
+            } => {
+                write!(f, "~ backend {vip} {address}")?;
+                write_check(f, check.as_ref()).and_then(|()| cleared(f, check.as_ref()))
+            }
             Change::VipSet {
                 vip,
                 ring_size,
@@ -136,11 +185,15 @@ impl fmt::Display for Change {
                 vip,
                 address,
                 weight,
-            } => write!(
-                f,
-                "+ backend {vip} {address} weight {}",
-                weight.unwrap_or(DEFAULT_WEIGHT)
-            ),
+                check,
+            } => {
+                write!(
+                    f,
+                    "+ backend {vip} {address} weight {}",
+                    weight.unwrap_or(DEFAULT_WEIGHT)
+                )?;
+                write_check(f, check.as_ref())
+            }
             Change::BackendDel { vip, address } => write!(f, "- backend {vip} {address}"),
             Change::BackendWeight {
                 vip,
@@ -153,6 +206,36 @@ impl fmt::Display for Change {
             }
         }
     }
+}
+
+/// ` check KIND every INTERVAL ...`, when there is a check.
+fn write_check(f: &mut fmt::Formatter<'_>, check: Option<&CheckSpec>) -> fmt::Result {
+    let Some(c) = check else { return Ok(()) };
+    write!(
+        f,
+        " check {} interval {} timeout {} rise {} fall {}",
+        c.kind, c.interval, c.timeout, c.rise, c.fall
+    )?;
+    if let Some(port) = c.port {
+        write!(f, " port {port}")?;
+    }
+    if matches!(c.kind, CheckKind::Http { .. }) {
+        write!(f, " status {}", c.status)?;
+        if let Some(host) = &c.host {
+            write!(f, " host {host}")?;
+        }
+    }
+    if c.via_tunnel {
+        f.write_str(" via-tunnel")?;
+    }
+    Ok(())
+}
+
+fn cleared(f: &mut fmt::Formatter<'_>, check: Option<&CheckSpec>) -> fmt::Result {
+    if check.is_none() {
+        f.write_str(" check cleared")?;
+    }
+    Ok(())
 }
 
 /// Applies `changes` in order to a copy of `state`: the new state, or the first refusal (with
@@ -183,6 +266,12 @@ pub fn diff(from: &DesiredState, to: &DesiredState) -> Vec<Change> {
                 });
             }
         }
+        if old.check != new.check {
+            rest.push(Change::VipCheck {
+                vip: *id,
+                check: new.check.clone(),
+            });
+        }
         if (old.ring_size, old.hash) != (new.ring_size, new.hash) {
             rest.push(Change::VipSet {
                 vip: *id,
@@ -205,6 +294,7 @@ pub fn diff(from: &DesiredState, to: &DesiredState) -> Vec<Change> {
             vip: *id,
             ring_size: Some(new.ring_size),
             hash: Some(new.hash),
+            check: new.check.clone(),
         });
         for b in &new.backends {
             backend_adds(*id, b, &mut rest);
@@ -219,6 +309,7 @@ fn backend_adds(vip: VipId, b: &BackendSpec, out: &mut Vec<Change>) {
         vip,
         address: b.addr,
         weight: Some(b.weight),
+        check: b.check.clone(),
     });
     if b.drain {
         out.push(Change::BackendDrain {
@@ -235,6 +326,13 @@ fn backend_edits(vip: VipId, old: &BackendSpec, new: &BackendSpec, out: &mut Vec
             vip,
             address,
             weight: new.weight,
+        });
+    }
+    if old.check != new.check {
+        out.push(Change::BackendCheck {
+            vip,
+            address,
+            check: new.check.clone(),
         });
     }
     match (old.drain, new.drain) {
@@ -352,6 +450,7 @@ backends = [{ address = "10.1.0.9", weight = 0 }]
                 vip: "10.0.0.1:80/tcp".parse().unwrap(),
                 address: "10.1.0.1".parse().unwrap(),
                 weight: Some(5),
+                check: None,
             }
         );
         assert_eq!(

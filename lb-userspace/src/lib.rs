@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod api;
 pub mod change;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod dataplane;

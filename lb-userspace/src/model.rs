@@ -19,7 +19,10 @@ use lb_common::{
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 use thiserror::Error;
 
-use crate::maglev;
+use crate::{
+    check::{CheckKind, CheckSpec},
+    maglev,
+};
 
 /// Largest backend weight (weights are relative; 0 takes no new flows).
 pub const MAX_WEIGHT: u32 = 65_535;
@@ -211,7 +214,7 @@ fn default_ring_size() -> u32 {
 }
 
 /// One backend of a VIP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSpec {
     #[serde(rename = "address")]
@@ -223,6 +226,9 @@ pub struct BackendSpec {
     /// restores it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub drain: bool,
+    /// Health check; the VIP's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSpec>,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
@@ -236,6 +242,7 @@ impl BackendSpec {
             addr,
             weight,
             drain: false,
+            check: None,
         }
     }
 
@@ -257,6 +264,9 @@ pub struct VipSpec {
     pub ring_size: u32,
     #[serde(default)]
     pub hash: HashMode,
+    /// Health check of its backends (each may have its own); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSpec>,
     /// In the order given; addresses are unique.
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
@@ -269,8 +279,18 @@ impl VipSpec {
             id,
             ring_size: DEFAULT_RING_SIZE,
             hash: HashMode::default(),
+            check: None,
             backends: Vec::new(),
         }
+    }
+
+    /// The check a backend gets: its own, else the VIP's; `None` when it is not checked.
+    pub fn check_of<'a>(&'a self, backend: &'a BackendSpec) -> Option<&'a CheckSpec> {
+        backend
+            .check
+            .as_ref()
+            .or(self.check.as_ref())
+            .filter(|c| c.kind != CheckKind::None)
     }
 
     pub fn backend(&self, addr: IpAddr) -> Option<&BackendSpec> {
@@ -463,6 +483,26 @@ impl DesiredState {
         Ok(std::mem::replace(&mut backend.drain, drain))
     }
 
+    /// Sets (or with `None` clears) the check of a VIP, or of one of its backends.
+    pub fn set_check(
+        &mut self,
+        vip: &VipId,
+        backend: Option<IpAddr>,
+        check: Option<CheckSpec>,
+    ) -> Result<(), ModelError> {
+        let mut spec = self.existing(vip)?.clone();
+        match backend {
+            Some(addr) => {
+                let i = backend_index(&spec, addr)?;
+                spec.backends[i].check = check;
+            }
+            None => spec.check = check,
+        }
+        spec.validate()?;
+        self.vips.insert(*vip, spec);
+        Ok(())
+    }
+
     /// Changes a VIP's table size and hash mode, keeping its backends; returns the old spec.
     pub fn set_vip_options(
         &mut self,
@@ -567,6 +607,17 @@ fn check_weight(weight: u32, path: impl FnOnce() -> String) -> Result<(), ModelE
     Ok(())
 }
 
+fn check_check(check: Option<&CheckSpec>, path: impl FnOnce() -> String) -> Result<(), ModelError> {
+    match check.and_then(CheckSpec::problem) {
+        Some((field, reason)) => Err(ModelError::BadCheck {
+            at: path(),
+            field,
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
 fn check_vip(vip: &VipSpec, at: &Where) -> Result<(), ModelError> {
     let path = vip_path(at);
     let id = vip.id;
@@ -595,6 +646,7 @@ fn check_vip(vip: &VipSpec, at: &Where) -> Result<(), ModelError> {
             next: maglev::next_prime_at_least(size).unwrap_or(MAX_RING_SIZE),
         });
     }
+    check_check(vip.check.as_ref(), || path.clone())?;
     if vip.backends.len() > size as usize {
         return Err(ModelError::RingTooSmall {
             at: path,
@@ -621,6 +673,7 @@ fn check_vip(vip: &VipSpec, at: &Where) -> Result<(), ModelError> {
             });
         }
         check_weight(b.weight, bpath)?;
+        check_check(b.check.as_ref(), bpath)?;
         if let Some(first) = vip.backends[..i].iter().position(|o| o.addr == b.addr) {
             return Err(ModelError::DuplicateBackend {
                 at: bpath(),
@@ -674,6 +727,12 @@ pub enum ModelError {
     },
     #[error("{at}.weight: {weight} is out of range 0..={MAX_WEIGHT}")]
     WeightOutOfRange { at: String, weight: u32 },
+    #[error("{at}.check.{field}: {reason}")]
+    BadCheck {
+        at: String,
+        field: &'static str,
+        reason: String,
+    },
     #[error("{at}.address: backend {addr} is a duplicate of {first}")]
     DuplicateBackend {
         at: String,

@@ -470,6 +470,7 @@ mod tests {
                 vip: vip(),
                 address: "10.1.0.1".parse().unwrap(),
                 weight: Some(5),
+                check: None,
             };
             let request = ChangeRequest {
                 changes: vec![change.clone()],

@@ -24,6 +24,7 @@ use lb_userspace::{
         },
     },
     change::Change,
+    check::{CheckKind, CheckSpec, Span, StatusRange},
     config::{self, Config},
     model::{DesiredState, HashMode, VipId},
 };
@@ -84,6 +85,55 @@ enum Command {
     Export,
 }
 
+/// Health-check flags of `vip add`, `backend add`, `vip check` and `backend check`.
+#[derive(clap::Args, Debug, Default, PartialEq)]
+struct CheckArgs {
+    /// Health check: none, tcp or http:/PATH (the other check flags need it)
+    #[arg(long, value_name = "KIND")]
+    check: Option<CheckKind>,
+    /// Time between checks, e.g. 2s or 500ms [default: 2s]
+    #[arg(long, value_name = "DURATION", requires = "check")]
+    interval: Option<Span>,
+    /// How long one check may take [default: 1s]
+    #[arg(long, value_name = "DURATION", requires = "check")]
+    check_timeout: Option<Span>,
+    /// Consecutive successes to come back up [default: 2]
+    #[arg(long, value_name = "N", requires = "check")]
+    rise: Option<u32>,
+    /// Consecutive failures to go down [default: 3]
+    #[arg(long, value_name = "N", requires = "check")]
+    fall: Option<u32>,
+    /// Port to check [default: the VIP's]
+    #[arg(long, value_name = "PORT", requires = "check")]
+    check_port: Option<u16>,
+    /// HTTP statuses that pass [default: 200-399]
+    #[arg(long, value_name = "LOW-HIGH", requires = "check")]
+    check_status: Option<StatusRange>,
+    /// HTTP Host header
+    #[arg(long, value_name = "HOST", requires = "check")]
+    check_host: Option<String>,
+    /// Check through the encapsulated path (to the VIP via the backend's tunnel)
+    #[arg(long, requires = "check")]
+    via_tunnel: bool,
+}
+
+impl CheckArgs {
+    fn spec(self) -> Option<CheckSpec> {
+        let d = CheckSpec::of(self.check?);
+        Some(CheckSpec {
+            interval: self.interval.unwrap_or(d.interval),
+            timeout: self.check_timeout.unwrap_or(d.timeout),
+            rise: self.rise.unwrap_or(d.rise),
+            fall: self.fall.unwrap_or(d.fall),
+            port: self.check_port,
+            status: self.check_status.unwrap_or(d.status),
+            host: self.check_host,
+            via_tunnel: self.via_tunnel,
+            ..d
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum VipCommand {
     /// Add a VIP without backends.
@@ -96,6 +146,18 @@ enum VipCommand {
         /// 5tuple or src-ip [default: 5tuple]
         #[arg(long, value_name = "MODE")]
         hash: Option<HashMode>,
+        #[command(flatten)]
+        check: CheckArgs,
+    },
+    /// Set the default health check of the VIP's backends (or clear it).
+    Check {
+        #[arg(help = VIP_HELP)]
+        vip: VipId,
+        #[command(flatten)]
+        check: CheckArgs,
+        /// Remove the check
+        #[arg(long, conflicts_with = "check")]
+        clear: bool,
     },
     /// Remove a VIP and its backends.
     Del {
@@ -117,6 +179,20 @@ enum BackendCommand {
         /// Relative weight, 0..=65535 (0 takes no new flows) [default: 100]
         #[arg(long, value_name = "W")]
         weight: Option<u32>,
+        #[command(flatten)]
+        check: CheckArgs,
+    },
+    /// Set the backend's own health check, or clear it so the VIP's applies.
+    Check {
+        #[arg(help = VIP_HELP)]
+        vip: VipId,
+        #[arg(help = ADDR_HELP)]
+        addr: IpAddr,
+        #[command(flatten)]
+        check: CheckArgs,
+        /// Remove the backend's own check
+        #[arg(long, conflicts_with = "check")]
+        clear: bool,
     },
     /// Remove a backend: its flows move to other backends.
     Del {
@@ -158,6 +234,14 @@ enum BackendCommand {
         #[arg(help = ADDR_HELP)]
         addr: IpAddr,
     },
+}
+
+/// A `check` command's new check: the flags', or none with `--clear`.
+fn checked(check: CheckArgs, clear: bool) -> anyhow::Result<Option<CheckSpec>> {
+    match (check.spec(), clear) {
+        (None, false) => bail!("give --check KIND, or --clear to remove the check"),
+        (spec, _) => Ok(spec),
+    }
 }
 
 fn main() -> ExitCode {
@@ -203,6 +287,7 @@ async fn execute(client: &Client, command: Command, json: bool) -> anyhow::Resul
             vip,
             ring_size,
             hash,
+            check,
         }) => {
             change(
                 client,
@@ -210,10 +295,15 @@ async fn execute(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     vip,
                     ring_size,
                     hash,
+                    check: check.spec(),
                 },
                 json,
             )
             .await
+        }
+        Command::Vip(VipCommand::Check { vip, check, clear }) => {
+            let check = checked(check, clear)?;
+            change(client, Change::VipCheck { vip, check }, json).await
         }
         Command::Vip(VipCommand::Del { vip }) => change(client, Change::VipDel { vip }, json).await,
         Command::Vip(VipCommand::List) => {
@@ -265,7 +355,23 @@ async fn execute(client: &Client, command: Command, json: bool) -> anyhow::Resul
 
 async fn backend(client: &Client, command: BackendCommand, json: bool) -> anyhow::Result<()> {
     let one = match command {
-        BackendCommand::Add { vip, addr, weight } => Change::BackendAdd {
+        BackendCommand::Check {
+            vip,
+            addr,
+            check,
+            clear,
+        } => Change::BackendCheck {
+            vip,
+            address: addr,
+            check: checked(check, clear)?,
+        },
+        BackendCommand::Add {
+            vip,
+            addr,
+            weight,
+            check,
+        } => Change::BackendAdd {
+            check: check.spec(),
             vip,
             address: addr,
             weight,
@@ -407,6 +513,7 @@ mod tests {
                     vip,
                     ring_size: Some(251),
                     hash: Some(HashMode::SrcIp),
+                    check: CheckArgs::default(),
                 }),
             ),
             (
@@ -415,6 +522,7 @@ mod tests {
                     vip,
                     ring_size: None,
                     hash: None,
+                    check: CheckArgs::default(),
                 }),
             ),
             (
@@ -428,6 +536,46 @@ mod tests {
                     vip,
                     addr,
                     weight: Some(70_000),
+                    check: CheckArgs::default(),
+                }),
+            ),
+            (
+                "lbctl backend add 10.0.0.1:80/tcp 10.1.0.1 --check http:/healthz --interval 1s --rise 2 --fall 3",
+                Command::Backend(BackendCommand::Add {
+                    vip,
+                    addr,
+                    weight: None,
+                    check: CheckArgs {
+                        check: Some(CheckKind::Http {
+                            path: "/healthz".into(),
+                        }),
+                        interval: Some(Span(Duration::from_secs(1))),
+                        rise: Some(2),
+                        fall: Some(3),
+                        ..CheckArgs::default()
+                    },
+                }),
+            ),
+            (
+                "lbctl backend check 10.0.0.1:80/tcp 10.1.0.1 --clear",
+                Command::Backend(BackendCommand::Check {
+                    vip,
+                    addr,
+                    check: CheckArgs::default(),
+                    clear: true,
+                }),
+            ),
+            (
+                "lbctl vip check 10.0.0.1:80/tcp --check tcp --check-port 8080 --via-tunnel",
+                Command::Vip(VipCommand::Check {
+                    vip,
+                    check: CheckArgs {
+                        check: Some(CheckKind::Tcp),
+                        check_port: Some(8080),
+                        via_tunnel: true,
+                        ..CheckArgs::default()
+                    },
+                    clear: false,
                 }),
             ),
             (

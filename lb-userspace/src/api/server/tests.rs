@@ -86,16 +86,19 @@ fn seeded() -> Fake {
             vip,
             ring_size: Some(13),
             hash: None,
+            check: None,
         },
         Change::BackendAdd {
             vip,
             address: ip(DRAINING),
             weight: None,
+            check: None,
         },
         Change::BackendAdd {
             vip,
             address: ip(STUCK),
             weight: None,
+            check: None,
         },
     ];
     Fake {
