@@ -12,6 +12,8 @@ pub mod decap;
 pub mod egress;
 pub mod encap;
 #[cfg(feature = "balancer")]
+pub mod hc;
+#[cfg(feature = "balancer")]
 pub mod lookup;
 #[cfg(feature = "balancer")]
 pub mod maps;

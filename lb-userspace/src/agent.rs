@@ -23,7 +23,8 @@ use tokio::{
 };
 
 use crate::{
-    api::{self, ApiError, Command, ErrorKind},
+    api::{self, ApiError, Command, ErrorKind, proto::HealthReport},
+    check::{CheckKind, CheckSpec},
     config::{self, Config},
     control::{Control, Pending},
     dataplane::{
@@ -31,7 +32,8 @@ use crate::{
         kernel::{AttachMode, Attached, KernelDataPlane, LoadOptions},
     },
     flows,
-    model::DesiredState,
+    health::{Checker, Probe, ProbeKind, Target, TargetId, Transition},
+    model::{DesiredState, VipSpec},
     nexthop::{NextHop, ResolveError, Resolver, watch_changes},
     reconcile::{DEFAULT_QUARANTINE, Egress, ReconcileError, Reconciler},
     store::{StateStore, StoreError},
@@ -69,6 +71,10 @@ pub struct AgentOptions {
     /// Re-resolve every backend this often even without a netlink notification.
     pub resolve_interval: Duration,
 }
+
+/// Health probes running at once, at most: enough for thousands of backends at a 1 s
+/// interval (a probe is a connect, or a connect and a GET, with a timeout).
+const MAX_CHECKS_IN_FLIGHT: usize = 256;
 
 /// How long a change waits for its new backends' next hops before going ahead without them
 /// (they join the table when the lookup finishes in the background).
@@ -123,6 +129,7 @@ struct Agent {
     /// bursts.
     resolving: bool,
     resolve_again: bool,
+    checker: Checker,
 }
 
 impl Agent {
@@ -188,6 +195,108 @@ impl Agent {
         }
     }
 
+    /// Makes the checker check what the state asks for (after every change). A backend that
+    /// leaves or changes its check starts over as up.
+    fn sync_checks(&mut self) {
+        let targets: Vec<Target> = self
+            .control
+            .state()
+            .vips
+            .values()
+            .flat_map(|vip| {
+                vip.backends
+                    .iter()
+                    .filter_map(|b| Some((b.addr, vip.check_of(b)?)))
+                    .filter_map(|(addr, spec)| self.target(vip, addr, spec))
+            })
+            .collect();
+        let ids: BTreeSet<(crate::model::VipId, IpAddr)> =
+            targets.iter().map(|t| (t.id.vip, t.id.backend)).collect();
+        self.checker.set_targets(targets);
+        let before = self.control.health.down.len();
+        self.control.health.down.retain(|id| ids.contains(id));
+        if self.control.health.down.len() != before {
+            self.reconcile();
+        }
+    }
+
+    fn target(&self, vip: &VipSpec, backend: IpAddr, spec: &CheckSpec) -> Option<Target> {
+        let port = spec.port.unwrap_or(vip.id.port);
+        let kind = match &spec.kind {
+            CheckKind::None => return None,
+            CheckKind::Tcp => ProbeKind::Tcp,
+            CheckKind::Http { path } => ProbeKind::Http {
+                path: path.clone(),
+                host: spec.host.clone(),
+                status: spec.status.lo..=spec.status.hi,
+            },
+        };
+        // Through the tunnel: to the VIP, marked with the backend's slot so the gateway's tc
+        // program encapsulates it to that backend (no slot yet: checked once it has one).
+        let (addr, mark) = if spec.via_tunnel {
+            let slot = self.control.slot_of(&vip.id, backend)?;
+            (vip.id.addr, Some(lb_common::maps::hc_mark(slot)))
+        } else {
+            (backend, None)
+        };
+        Some(Target {
+            id: TargetId {
+                vip: vip.id,
+                backend,
+            },
+            probe: Probe {
+                addr: std::net::SocketAddr::new(addr, port),
+                kind,
+                timeout: spec.timeout.0,
+                mark,
+            },
+            interval: spec.interval.0,
+            rise: spec.rise,
+            fall: spec.fall,
+        })
+    }
+
+    /// Each checked backend's health, for status.
+    fn health_reports(&self) -> BTreeMap<(crate::model::VipId, IpAddr), HealthReport> {
+        let now = std::time::SystemTime::now();
+        let state = self.control.state();
+        self.checker
+            .snapshot()
+            .into_iter()
+            .filter_map(|(id, s)| {
+                let vip = state.vip(&id.vip)?;
+                let spec = vip.check_of(vip.backend(id.backend)?)?;
+                let via = if spec.via_tunnel { " via tunnel" } else { "" };
+                let report = HealthReport {
+                    check: format!("{} every {}{via}", spec.kind, spec.interval),
+                    up: s.up,
+                    since_secs: now.duration_since(s.since).unwrap_or_default().as_secs(),
+                    last: s.last_ok.map(|ok| {
+                        if ok {
+                            "ok".to_owned()
+                        } else {
+                            s.last_reason.clone()
+                        }
+                    }),
+                    last_latency_us: s.last_latency.map(|d| d.as_micros() as u64),
+                };
+                Some(((id.vip, id.backend), report))
+            })
+            .collect()
+    }
+
+    fn on_transition(&mut self, t: &Transition) {
+        let id = (t.id.vip, t.id.backend);
+        if t.up {
+            tracing::info!(vip = %t.id.vip, backend = %t.id.backend, result = %t.reason, "backend passes its health checks: up");
+            self.control.health.down.remove(&id);
+        } else {
+            tracing::warn!(vip = %t.id.vip, backend = %t.id.backend, result = %t.reason, "backend fails its health checks: down");
+            self.control.health.down.insert(id);
+        }
+        self.reconcile();
+    }
+
     /// Resolves a request's new backends (briefly), then commits it.
     async fn commit(&mut self, pending: Pending) -> Result<api::proto::ChangeReply, ApiError> {
         // Backends already known to fail are retried by the background lookups, not here.
@@ -238,6 +347,7 @@ impl Agent {
                 for change in &r.changes {
                     tracing::info!(change = %change, "change applied");
                 }
+                self.sync_checks();
             }
             Ok(_) => {}
             Err(e) => tracing::info!(error = %e, "change refused"),
@@ -268,7 +378,9 @@ impl Agent {
                 idle_timeout,
                 reply,
             } => {
-                let template = self.control.status_template(idle_timeout.as_secs());
+                let template = self
+                    .control
+                    .status_template(idle_timeout.as_secs(), &self.health_reports());
                 self.count_flows(idle_timeout, reply, move |counts| template.fill(counts));
             }
             Command::Flows {
@@ -374,6 +486,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let resolver = Arc::new(Resolver::new()?);
     let mut netlink_changes = watch_changes().await?;
     let (resolved_tx, mut resolved_rx) = mpsc::unbounded_channel();
+    let (checker, mut transitions) =
+        Checker::spawn(MAX_CHECKS_IN_FLIGHT).expect("called within the runtime");
     let mut agent = Agent {
         opts,
         control,
@@ -382,11 +496,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         resolved_tx,
         resolving: false,
         resolve_again: false,
+        checker,
     };
     let addrs = backend_addrs(agent.control.state());
     let first = resolve_many(&agent.resolver, addrs.clone()).await;
     agent.absorb(first, &addrs);
     agent.control.reconcile()?;
+    agent.sync_checks();
 
     for iface in &agent.opts.ifaces {
         match agent.control.dp_mut().attach(iface, agent.opts.mode)? {
@@ -394,6 +510,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 tracing::info!(iface, "adopted the pinned link; program replaced in place");
             }
             Attached::New => tracing::info!(iface, mode = ?agent.opts.mode, "attached"),
+        }
+        // The tc program that sends tunnel checks (`via_tunnel`) the way traffic goes; it
+        // touches only packets lbd's own probes mark. Needs tcx (kernel 6.6+): without it only
+        // those checks are lost.
+        if let Err(e) = agent.control.dp_mut().attach_hc(iface) {
+            tracing::warn!(iface, error = %e, "no health checks through the tunnel on this interface");
         }
     }
 
@@ -413,6 +535,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             _ = sigint.recv() => break,
             _ = sighup.recv() => agent.reload(),
             Some(command) = commands.recv() => agent.handle(command).await,
+            Some(transition) = transitions.recv() => agent.on_transition(&transition),
             Some(results) = resolved_rx.recv() => {
                 agent.resolving = false;
                 let wanted = backend_addrs(agent.control.state());

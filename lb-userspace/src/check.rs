@@ -1,6 +1,7 @@
 //! Health-check settings of a VIP (the default for its backends) or of one backend, as written
-//! in lb.toml and sent by lbctl. The defaults are HAProxy's: every 2 s, up after 2 successes,
-//! down after 3 failures; the kind defaults to none (no checks), as HAProxy without `check`.
+//! in lb.toml and sent by lbctl. The defaults are `HAProxy`'s: every 2 s, up after 2
+//! successes, down after 3 failures; the kind defaults to none (no checks), as in `HAProxy`
+//! without `check`.
 
 use std::{fmt, str::FromStr, time::Duration};
 
@@ -68,9 +69,9 @@ pub struct Span(pub Duration);
 impl fmt::Display for Span {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 60_000 == 0 && ms > 0 {
+        if ms.is_multiple_of(60_000) && ms > 0 {
             write!(f, "{}m", ms / 60_000)
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{ms}ms")
@@ -165,8 +166,8 @@ pub const DEFAULT_TIMEOUT: Span = Span(Duration::from_secs(1));
 pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_STATUS: StatusRange = StatusRange { lo: 200, hi: 399 };
-const INTERVALS: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
-const TIMEOUTS: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(60));
+const INTERVALS: (Duration, Duration) = (Duration::from_millis(100), Duration::from_hours(1));
+const TIMEOUTS: (Duration, Duration) = (Duration::from_millis(10), Duration::from_mins(1));
 const MAX_COUNT: u32 = 100;
 
 /// One check configuration.

@@ -322,6 +322,38 @@ mod tests {
     }
 
     #[test]
+    fn checks_round_trip_in_both_file_forms() {
+        let text = r#"
+[[vip]]
+address = "10.0.0.1:80/tcp"
+check = { kind = "http:/healthz", interval = "500ms", host = "example.com", status = "200-204" }
+backends = [
+  { address = "10.1.0.1" },
+  { address = "10.1.0.2", check = { kind = "tcp", port = 8080, via_tunnel = true } },
+  { address = "10.1.0.3", check = { kind = "none" } },
+]
+"#;
+        let config = parse_config(text).unwrap();
+        assert_eq!(parse_config(&config.to_toml()).unwrap(), config);
+        let saved = state_to_toml(&config.state);
+        assert_eq!(parse_state(&saved).unwrap(), config.state, "{saved}");
+        let vip = config.state.vips.values().next().unwrap();
+        let kinds: Vec<String> = vip
+            .backends
+            .iter()
+            .map(|b| vip.check_of(b).map_or("-".into(), |c| c.kind.to_string()))
+            .collect();
+        assert_eq!(kinds, ["http:/healthz", "tcp", "-"]);
+        let e = parse_err(
+            "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\ncheck = { kind = \"tcp\", rise = 0 }",
+        );
+        assert!(
+            e.contains("vip[0].check.rise: 0 is out of range 1..=100"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn prefixes() {
         for (s, mask) in [
             ("172.16.0.0/16", 0xffff),

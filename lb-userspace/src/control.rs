@@ -2,7 +2,10 @@
 //! room in the data plane), saved, and only then written to the data plane. A refused request
 //! leaves the state, the state file and the data plane as they were.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use lb_common::keys::{SLOT_ACTIVE, SLOT_DRAINING};
 
@@ -10,36 +13,93 @@ use crate::{
     api::{
         ApiError, ErrorKind,
         proto::{
-            ApplyRequest, BackendState, BackendStatus, ChangeReply, ChangeRequest, StateReply,
-            Status, VipStatus,
+            ApplyRequest, BackendState, BackendStatus, ChangeReply, ChangeRequest, HealthReport,
+            StateReply, Status, VipStatus,
         },
     },
     change::{Change, apply_all, diff},
     config::Settings,
     dataplane::DataPlane,
-    model::{DesiredState, VipId},
+    model::{BackendSpec, DesiredState, VipId},
     reconcile::{BackendPlan, Egress, ReconcileError, Reconciler, VipPlan},
     store::StateStore,
 };
 
-/// Turns the desired state plus what is known of next hops into reconcile's input.
-pub fn plans(state: &DesiredState, egress: &BTreeMap<IpAddr, Egress>) -> Vec<VipPlan> {
+/// What health checks say, as planning needs it.
+#[derive(Clone, Debug, Default)]
+pub struct HealthView {
+    /// Backends whose checks failed.
+    pub down: BTreeSet<(VipId, IpAddr)>,
+    /// Per VIP, the backends that last took new flows: kept in the table when every backend
+    /// fails its checks, so a VIP never loses its table to checks alone.
+    pub last_up: BTreeMap<VipId, BTreeSet<IpAddr>>,
+}
+
+/// Reconcile's input, and the VIPs whose every backend is down (kept on their last table).
+#[derive(Debug)]
+pub struct Planned {
+    pub plans: Vec<VipPlan>,
+    pub all_down: BTreeSet<VipId>,
+}
+
+/// Turns the desired state plus what is known of next hops and health into reconcile's input.
+pub fn plans(
+    state: &DesiredState,
+    egress: &BTreeMap<IpAddr, Egress>,
+    health: &HealthView,
+) -> Planned {
+    let mut all_down = BTreeSet::new();
+    let plans = state
+        .vips
+        .values()
+        .map(|vip| {
+            let takes_flows =
+                |b: &BackendSpec| b.effective_weight() > 0 && egress.contains_key(&b.addr);
+            let failed = |b: &BackendSpec| health.down.contains(&(vip.id, b.addr));
+            let wanted: Vec<&BackendSpec> =
+                vip.backends.iter().filter(|b| takes_flows(b)).collect();
+            // Every candidate failed its checks: keep the ones that took flows last (if they
+            // are still candidates) rather than leave the VIP without a table.
+            let keep: BTreeSet<IpAddr> = if !wanted.is_empty() && wanted.iter().all(|b| failed(b)) {
+                all_down.insert(vip.id);
+                health.last_up.get(&vip.id).cloned().unwrap_or_default()
+            } else {
+                BTreeSet::new()
+            };
+            VipPlan {
+                key: vip.id.key(),
+                flags: vip.hash.vip_flags(),
+                ring_size: vip.ring_size,
+                backends: vip
+                    .backends
+                    .iter()
+                    .map(|b| BackendPlan {
+                        addr: b.addr,
+                        weight: b.effective_weight(),
+                        egress: egress.get(&b.addr).copied(),
+                        healthy: !failed(b) || keep.contains(&b.addr),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    Planned { plans, all_down }
+}
+
+/// Per VIP, the backends a plan gives new flows.
+fn taking_flows(plans: &[VipPlan], state: &DesiredState) -> BTreeMap<VipId, BTreeSet<IpAddr>> {
     state
         .vips
         .values()
-        .map(|vip| VipPlan {
-            key: vip.id.key(),
-            flags: vip.hash.vip_flags(),
-            ring_size: vip.ring_size,
-            backends: vip
+        .zip(plans)
+        .map(|(vip, plan)| {
+            let up = plan
                 .backends
                 .iter()
-                .map(|b| BackendPlan {
-                    addr: b.addr,
-                    weight: b.effective_weight(),
-                    egress: egress.get(&b.addr).copied(),
-                })
-                .collect(),
+                .filter(|b| b.healthy && b.weight > 0 && b.egress.is_some())
+                .map(|b| b.addr)
+                .collect();
+            (vip.id, up)
         })
         .collect()
 }
@@ -98,6 +158,10 @@ pub struct Control<D> {
     reconciler: Reconciler,
     /// Next hops of backends, as last resolved.
     pub egress: BTreeMap<IpAddr, Egress>,
+    /// Health-check results, as the agent last heard them.
+    pub health: HealthView,
+    /// VIPs whose every backend is down, kept on their last table.
+    all_down: BTreeSet<VipId>,
 }
 
 impl<D: DataPlane> Control<D> {
@@ -116,7 +180,14 @@ impl<D: DataPlane> Control<D> {
             dp,
             reconciler,
             egress,
+            health: HealthView::default(),
+            all_down: BTreeSet::new(),
         }
+    }
+
+    /// VIPs whose every backend fails its checks (kept on their last table).
+    pub fn all_down(&self) -> &BTreeSet<VipId> {
+        &self.all_down
     }
 
     pub fn state(&self) -> &DesiredState {
@@ -131,10 +202,26 @@ impl<D: DataPlane> Control<D> {
         &mut self.dp
     }
 
-    /// Brings the data plane to the current state and next hops.
+    /// Brings the data plane to the current state, next hops and health.
     pub fn reconcile(&mut self) -> Result<(), ReconcileError> {
-        self.reconciler
-            .apply(&mut self.dp, &plans(&self.state, &self.egress))
+        let planned = plans(&self.state, &self.egress, &self.health);
+        for vip in planned.all_down.difference(&self.all_down) {
+            tracing::error!(vip = %vip, "every backend fails its health checks; keeping the last table");
+        }
+        for vip in self.all_down.difference(&planned.all_down) {
+            tracing::info!(vip = %vip, "a backend passes its health checks again");
+        }
+        self.all_down = planned.all_down;
+        self.reconciler.apply(&mut self.dp, &planned.plans)?;
+        for (vip, up) in taking_flows(&planned.plans, &self.state) {
+            if !up.is_empty() {
+                self.health.last_up.insert(vip, up);
+            }
+        }
+        self.health
+            .last_up
+            .retain(|vip, _| self.state.vips.contains_key(vip));
+        Ok(())
     }
 
     pub fn state_reply(&self) -> StateReply {
@@ -197,7 +284,7 @@ impl<D: DataPlane> Control<D> {
     /// empty change, stops after the check.
     pub fn commit(&mut self, pending: Pending) -> Result<ChangeReply, ApiError> {
         self.reconciler
-            .check(&plans(&pending.state, &self.egress))
+            .check(&plans(&pending.state, &self.egress, &self.health).plans)
             .map_err(ApiError::from)?;
         if pending.dry_run || pending.changes.is_empty() {
             return Ok(ChangeReply {
@@ -251,7 +338,22 @@ impl<D: DataPlane> Control<D> {
     }
 
     /// Everything of `lbctl status` but the flow counts.
-    pub fn status_template(&self, idle_timeout_secs: u64) -> StatusTemplate {
+    /// The backend slot of an installed backend (health checks through the tunnel mark their
+    /// packets with it).
+    pub fn slot_of(&self, vip: &VipId, addr: IpAddr) -> Option<u32> {
+        self.reconciler
+            .backend_slots(&vip.key())
+            .into_iter()
+            .find(|(a, _, _)| *a == addr)
+            .map(|(_, slot, _)| slot)
+    }
+
+    /// Everything of `lbctl status` but the flow counts; `health` has the checked backends'.
+    pub fn status_template(
+        &self,
+        idle_timeout_secs: u64,
+        health: &BTreeMap<(VipId, IpAddr), HealthReport>,
+    ) -> StatusTemplate {
         let mut keys = Vec::new();
         let vips = self
             .state
@@ -280,6 +382,7 @@ impl<D: DataPlane> Control<D> {
                             drain: backend.drain,
                             state,
                             flows: 0,
+                            health: health.get(&(spec.id, backend.addr)).cloned(),
                         }
                     })
                     .collect();
@@ -287,6 +390,7 @@ impl<D: DataPlane> Control<D> {
                     vip: spec.id,
                     ring_size: spec.ring_size,
                     hash: spec.hash,
+                    all_down: self.all_down.contains(&spec.id),
                     backends,
                 }
             })

@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod flows;
+pub mod health;
 pub mod maglev;
 pub mod model;
 pub mod nexthop;
@@ -15,7 +16,8 @@ pub mod reconcile;
 pub mod ring_pool;
 pub mod store;
 
-/// The gateway's eBPF object: program `lb_xdp` and every `LB_*` map except `LB_DECAP_VIPS`.
+/// The gateway's eBPF object: programs `lb_xdp` and `lb_hc_encap` (tc egress, tunnel health
+/// checks) and every `LB_*` map except `LB_DECAP_VIPS`.
 pub fn lb_object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf-balancer.o"))
 }

@@ -43,6 +43,8 @@ pub struct BackendPlan {
     /// `None` when the next hop could not be resolved: the backend is kept out of the table and
     /// its slot is marked down.
     pub egress: Option<Egress>,
+    /// False when it fails its health checks: out of the table, slot down (its flows re-hash).
+    pub healthy: bool,
 }
 
 /// One VIP as reconcile needs it.
@@ -110,10 +112,10 @@ fn keys_not_in<K: Ord + Copy, V>(installed: &BTreeMap<K, V>, wanted: &BTreeSet<K
 
 /// The slot value a backend plan asks for.
 fn slot_value(b: &BackendPlan, vip_id: u32, generation: u32) -> BackendSlot {
-    let state = match (b.egress, b.weight) {
-        (None, _) => SLOT_DOWN,
-        (Some(_), 0) => SLOT_DRAINING,
-        (Some(_), _) => SLOT_ACTIVE,
+    let state = match (b.egress, b.healthy, b.weight) {
+        (None, _, _) | (_, false, _) => SLOT_DOWN,
+        (Some(_), true, 0) => SLOT_DRAINING,
+        (Some(_), true, _) => SLOT_ACTIVE,
     };
     let (addr, family) = wire_addr(b.addr);
     let egress = b.egress.unwrap_or(Egress {

@@ -97,6 +97,7 @@ fn plan(backends: &[Ipv4Addr], ring_size: u32) -> VipPlan {
                     src_mac: [0x02, 0, 0, 0, 0, 0x02],
                     dst_mac: [0x02, 0xbe, 0, 0, 0, addr.octets()[1]],
                 }),
+                healthy: true,
             })
             .collect(),
     }

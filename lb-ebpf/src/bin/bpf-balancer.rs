@@ -1,5 +1,7 @@
 //! `lb_xdp`, the balancer: parse, VIP lookup, flow table or Maglev ring, IPIP encapsulation,
-//! egress, stats. This object also defines every LB_* map (see `lb_ebpf::maps`).
+//! egress, stats; and `lb_hc_encap`, the tc egress program that sends health checks through a
+//! backend's tunnel. This object also defines every LB_* map (see `lb_ebpf::maps`), which both
+//! programs share.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Inlining is how BPF code stays verifiable and cheap: a map reference stays a load-time
@@ -9,7 +11,10 @@
 #![allow(clippy::needless_pass_by_value)]
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::bpf_ktime_get_coarse_ns,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{
     Counter, DropReason,
@@ -17,7 +22,7 @@ use lb_common::{
     keys::VIP_F_HASH_SRC_ONLY,
 };
 use lb_ebpf::{
-    egress, encap, lookup,
+    egress, encap, hc, lookup,
     parse::{self, Parsed},
     stats::{count, count_drop, count_traffic},
 };
@@ -104,6 +109,13 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, DropReason> {
     let action = egress::send(ctx, backend.slot)?;
     count_traffic(vip.vip_id, backend.index, packet.len, new_flow);
     Ok(action)
+}
+
+/// Health checks through the tunnel (tc egress): packets of probe sockets marked with
+/// `hc_mark(slot)` leave encapsulated toward that slot's backend; everything else passes.
+#[classifier]
+pub fn lb_hc_encap(ctx: TcContext) -> i32 {
+    hc::encap_probe(&ctx)
 }
 
 // On the host this bin only needs to type-check (clippy --workspace).

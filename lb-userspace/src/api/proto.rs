@@ -80,6 +80,9 @@ pub struct VipStatus {
     pub vip: VipId,
     pub ring_size: u32,
     pub hash: HashMode,
+    /// Every backend fails its health checks: the VIP keeps its last table.
+    #[serde(default)]
+    pub all_down: bool,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -92,6 +95,25 @@ pub struct BackendStatus {
     pub state: BackendState,
     /// Live flows pinned to this backend.
     pub flows: u64,
+    /// Health checks, when the backend has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthReport>,
+}
+
+/// A checked backend's health.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthReport {
+    /// The check, e.g. `http:/healthz every 1s`.
+    pub check: String,
+    pub up: bool,
+    /// Seconds in the current state.
+    pub since_secs: u64,
+    /// The last check's outcome: `ok`, or why it failed; absent before the first check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_latency_us: Option<u64>,
 }
 
 /// What the data plane does with a backend.
@@ -102,7 +124,7 @@ pub enum BackendState {
     Active,
     /// Keeps its flows, takes no new ones (drained or weight 0).
     Draining,
-    /// Out of the table, flows re-hash (next hop unresolved).
+    /// Out of the table, flows re-hash (next hop unresolved, or failing health checks).
     Down,
 }
 

@@ -88,8 +88,11 @@ enum Command {
 /// Health-check flags of `vip add`, `backend add`, `vip check` and `backend check`.
 #[derive(clap::Args, Debug, Default, PartialEq)]
 struct CheckArgs {
-    /// Health check: none, tcp or http:/PATH (the other check flags need it)
-    #[arg(long, value_name = "KIND")]
+    #[arg(
+        long,
+        value_name = "KIND",
+        help = "Health check: none, tcp or http:/PATH (the other check flags need it)"
+    )]
     check: Option<CheckKind>,
     /// Time between checks, e.g. 2s or 500ms [default: 2s]
     #[arg(long, value_name = "DURATION", requires = "check")]

@@ -1,4 +1,8 @@
-use std::{collections::HashMap, fs, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs,
+    path::PathBuf,
+};
 
 use super::*;
 use crate::{config::parse_config, dataplane::fake::FakeDataPlane, reconcile::DEFAULT_QUARANTINE};
@@ -94,7 +98,7 @@ fn accepted_changes_are_saved_and_installed() {
     let table = c.dp().table_of(&key).unwrap();
     assert!(table.iter().all(|&s| s != drained.1));
     let status = c
-        .status_template(60)
+        .status_template(60, &BTreeMap::new())
         .fill(&HashMap::from([((drained.1, drained.2.generation), 7)]));
     let b = &status.vips[0].backends[1];
     assert_eq!(
@@ -300,4 +304,50 @@ fn room_after_names_the_quarantine_only_when_tables_wait_in_it() {
     assert_eq!(e.kind, ErrorKind::NoRoom, "{e}");
     // ...and says how long until it will.
     assert_eq!(c.room_after(), Some(DEFAULT_QUARANTINE));
+}
+
+#[test]
+fn failed_checks_take_a_backend_out_and_all_down_keeps_the_last_table() {
+    let dir = TempDir::new("health");
+    let mut c = control(&dir, 64);
+    seed(&mut c);
+    let web: VipId = WEB.parse().unwrap();
+    let key = web.key();
+    let (b1, b2): (IpAddr, IpAddr) = ("10.1.0.1".parse().unwrap(), "10.1.0.2".parse().unwrap());
+    let slot = |c: &Control<FakeDataPlane>, addr: IpAddr| {
+        c.reconciler
+            .backend_slots(&key)
+            .into_iter()
+            .find(|(a, _, _)| *a == addr)
+            .map(|(_, s, v)| (s, v.state))
+            .unwrap()
+    };
+    let named = |c: &Control<FakeDataPlane>| -> BTreeSet<u32> {
+        c.dp().table_of(&key).unwrap().iter().copied().collect()
+    };
+
+    // One backend down: out of the table, its slot down (its flows re-hash).
+    c.health.down.insert((web, b1));
+    c.reconcile().unwrap();
+    assert_eq!(slot(&c, b1).1, lb_common::keys::SLOT_DOWN);
+    assert_eq!(named(&c), BTreeSet::from([slot(&c, b2).0]));
+    assert!(c.all_down().is_empty());
+
+    // Both down: the last table (b2 alone) stays, and the VIP is reported.
+    c.health.down.insert((web, b2));
+    c.reconcile().unwrap();
+    assert_eq!(named(&c), BTreeSet::from([slot(&c, b2).0]));
+    assert_eq!(slot(&c, b2).1, SLOT_ACTIVE);
+    assert_eq!(c.all_down(), &BTreeSet::from([web]));
+    let status = c
+        .status_template(60, &BTreeMap::new())
+        .fill(&HashMap::new());
+    assert!(status.vips[0].all_down);
+
+    // b1 comes back: it alone takes new flows, and the VIP is no longer all down.
+    c.health.down.remove(&(web, b1));
+    c.reconcile().unwrap();
+    assert_eq!(named(&c), BTreeSet::from([slot(&c, b1).0]));
+    assert_eq!(slot(&c, b2).1, lb_common::keys::SLOT_DOWN);
+    assert!(c.all_down().is_empty());
 }

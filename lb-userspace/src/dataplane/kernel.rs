@@ -2,9 +2,11 @@
 //! what an earlier lbd pinned there. Adoption is what keeps established connections alive across
 //! restarts and upgrades: the maps (flow table included) are reopened from their pins, and the
 //! freshly loaded program replaces the old one inside the pinned link (`BPF_LINK_UPDATE`), so the
-//! interface is never without a program.
+//! interface is never without a program. The same object's `lb_hc_encap` (tc egress, see
+//! `kernel/hc.rs`) sends health checks through the backends' tunnels on the same maps.
 
 mod batch;
+mod hc;
 mod upgrade;
 
 use std::{
@@ -269,6 +271,20 @@ impl KernelDataPlane {
         Ok(Attached::New)
     }
 
+    /// Attaches `lb_hc_encap` to `iface`'s tc egress (tcx, kernel 6.6+), so probes marked with
+    /// `lb_common::maps::hc_mark(slot)` leave encapsulated toward that slot's backend. Adopts
+    /// the link pinned under `<pin_dir>/hc-links/<iface>` (replacing its program), or attaches
+    /// and pins a new one. See `kernel/hc.rs` for the routes a deployment needs.
+    pub fn attach_hc(&mut self, iface: &str) -> Result<Attached, DataPlaneError> {
+        hc::attach(&mut self.ebpf, &self.pin_dir, iface)
+    }
+
+    /// Detaches `lb_hc_encap` from `iface` (removes its pinned link); false when it was not
+    /// attached there.
+    pub fn detach_hc(&mut self, iface: &str) -> Result<bool, DataPlaneError> {
+        hc::detach(&self.pin_dir, iface)
+    }
+
     /// Entries in the flow table (the size it was created with).
     pub fn flow_table_size(&self) -> u32 {
         self.flows.max_entries
@@ -289,26 +305,31 @@ fn adopt_link(program: &mut Xdp, pin: &Path) -> Result<(), LinkAdoption> {
     let stale = |e: &dyn std::fmt::Display| LinkAdoption::Stale(e.to_string());
     let pinned = PinnedLink::from_pin(pin).map_err(|e| stale(&e))?;
     let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| stale(&e))?;
-    let id = program.attach_to_link(link).map_err(|e| {
-        // ENOLINK (os error 67): the link was detached because its interface went away.
-        let message = format!(
-            "{e}: {}",
-            std::error::Error::source(&e)
-                .map(ToString::to_string)
-                .unwrap_or_default()
-        );
-        if message.contains("os error 67") {
-            LinkAdoption::Stale(message)
-        } else {
-            LinkAdoption::Failed(message)
-        }
-    })?;
+    let id = program
+        .attach_to_link(link)
+        .map_err(|e| link_update_error(&e))?;
     // The pin keeps the link alive; drop our handle so the program's lifetime does not matter.
     let link = program
         .take_link(id)
         .map_err(|e| LinkAdoption::Failed(e.to_string()))?;
     drop(link);
     Ok(())
+}
+
+/// Classifies a failed `BPF_LINK_UPDATE` on a pinned link.
+fn link_update_error(e: &aya::programs::ProgramError) -> LinkAdoption {
+    // ENOLINK (os error 67): the link was detached because its interface went away.
+    let message = format!(
+        "{e}: {}",
+        std::error::Error::source(e)
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    );
+    if message.contains("os error 67") {
+        LinkAdoption::Stale(message)
+    } else {
+        LinkAdoption::Failed(message)
+    }
 }
 
 fn ensure_bpffs(dir: &Path) -> Result<(), DataPlaneError> {

@@ -33,6 +33,7 @@ fn backend(addr: &str, weight: u32) -> BackendPlan {
         addr: ip(addr),
         weight,
         egress: Some(egress()),
+        healthy: true,
     }
 }
 

@@ -31,6 +31,8 @@ struct Shared {
     name: String,
     stop: AtomicBool,
     http_status: AtomicU16,
+    /// New connections are held open without a byte of answer ([`Server::set_hang`]).
+    hang: AtomicBool,
     accepted: AtomicU64,
     requests: AtomicU64,
     /// Clones of the open connections, shut down on stop so handlers return at once.
@@ -63,6 +65,7 @@ impl Server {
             name: name.to_owned(),
             stop: AtomicBool::new(false),
             http_status: AtomicU16::new(200),
+            hang: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             active: Mutex::new(HashMap::new()),
@@ -103,6 +106,14 @@ impl Server {
     /// Status of HTTP answers from now on (e.g. 503 to fail an HTTP health check).
     pub fn set_http_status(&self, status: u16) {
         self.shared.http_status.store(status, Ordering::Relaxed);
+    }
+
+    /// With `true`, connections accepted from now on get no answer at all: each is held open,
+    /// its input read and discarded, until the peer closes it or the server stops (a hung
+    /// backend, e.g. to time out an HTTP health check). `false` serves new connections again;
+    /// ones already held stay held.
+    pub fn set_hang(&self, hang: bool) {
+        self.shared.hang.store(hang, Ordering::Relaxed);
     }
 
     /// Stops the server now (as drop does).
@@ -213,12 +224,40 @@ fn parse_size(arg: &str) -> Result<u64> {
     Ok(n)
 }
 
+/// Holds a connection without answering until the peer closes it or the server stops.
+fn hold(shared: &Shared, mut stream: TcpStream) {
+    let mut buf = [0u8; 1024];
+    while !shared.stop.load(Ordering::Relaxed) {
+        if !readable(stream.as_raw_fd(), POLL_INTERVAL_MS) {
+            continue;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
 fn serve(shared: &Shared, stream: TcpStream) -> Result<()> {
+    if shared.hang.load(Ordering::Relaxed) {
+        hold(shared, stream);
+        return Ok(());
+    }
     stream.set_read_timeout(Some(SERVER_IO_TIMEOUT))?;
     stream.set_write_timeout(Some(SERVER_IO_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
-    let line = read_line(&mut reader)?;
+    let line = match read_line(&mut reader) {
+        Ok(line) => line,
+        // A TCP health check: connect, then close with a reset (as HAProxy and lbd do).
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == ErrorKind::ConnectionReset) =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     let mut words = line.split_whitespace();
     let (verb, arg) = (words.next(), words.next());
     if matches!(verb, Some("WHO" | "GET" | "PUT" | "ECHO"))

@@ -75,6 +75,7 @@ impl Churn {
                 vip,
                 address: rng.pick(&self.extras)?,
                 weight: Some(weight),
+                check: None,
             },
             1 => {
                 let added: Vec<IpAddr> = present
@@ -123,6 +124,7 @@ impl Churn {
                 vip,
                 ring_size: Some(rng.pick(&[251, 1021, CHURN_RING])?),
                 hash: Some(rng.pick(&[HashMode::FiveTuple, HashMode::SrcIp])?),
+                check: None,
             });
         };
         let present: Vec<IpAddr> = spec.backends.iter().map(|b| b.addr).collect();
@@ -132,6 +134,7 @@ impl Churn {
                 vip,
                 address: rng.pick(&self.pool)?,
                 weight: Some(rng.below(200) as u32),
+                check: None,
             },
             4 => Change::BackendDel {
                 vip,
@@ -211,6 +214,8 @@ fn churn_body(bed: &Bed, lbd: &Lbd) -> Result<()> {
             Change::BackendWeight { .. } => "backend weight",
             Change::BackendDrain { .. } => "backend drain",
             Change::BackendUndrain { .. } => "backend undrain",
+            Change::VipCheck { .. } => "vip check",
+            Change::BackendCheck { .. } => "backend check",
         };
         *kinds.entry(kind).or_default() += 1;
         let run = apply(&lbctl, &mut mirror, &change).with_context(|| format!("change {i}"))?;
@@ -287,6 +292,7 @@ fn settle_and_check_new_flows(
                 vip,
                 address,
                 weight: Some(weight),
+                check: None,
             }),
             Some(b) if b.weight != weight => changes.push(Change::BackendWeight {
                 vip,

@@ -53,6 +53,7 @@ fn latency_body(bed: &Bed, lbd: &Lbd) -> Result<()> {
                 vip,
                 address,
                 weight: None,
+                check: None,
             }
         } else {
             Change::BackendDel { vip, address }

@@ -223,6 +223,7 @@ fn change_args(change: &Change) -> Vec<String> {
             vip,
             ring_size,
             hash,
+            check: None,
         } => {
             let mut a = vec![s("vip"), s("add"), vip.to_string()];
             if let Some(n) = ring_size {
@@ -233,12 +234,17 @@ fn change_args(change: &Change) -> Vec<String> {
             }
             a
         }
-        Change::VipSet { .. } => unreachable!("lbctl has no vip set"),
+        Change::VipSet { .. }
+        | Change::VipAdd { check: Some(_), .. }
+        | Change::BackendAdd { check: Some(_), .. }
+        | Change::VipCheck { .. }
+        | Change::BackendCheck { .. } => unreachable!("the live tests make no such change"),
         Change::VipDel { vip } => vec![s("vip"), s("del"), vip.to_string()],
         Change::BackendAdd {
             vip,
             address,
             weight,
+            check: None,
         } => {
             let mut a = vec![s("backend"), s("add"), vip.to_string(), address.to_string()];
             if let Some(w) = weight {

@@ -127,6 +127,7 @@ fn cycle_change(bed: &Bed, mirror: &DesiredState, cycle: usize) -> Change {
             vip: bed.vip(8080, "udp"),
             address: IpAddr::V4(Ipv4Addr::new(10, 99, 1, cycle as u8)),
             weight: None,
+            check: None,
         },
         _ if drained => Change::BackendUndrain {
             vip: main,

@@ -186,6 +186,7 @@ impl Fake {
                     drain: b.drain,
                     state: BackendState::Active,
                     flows: self.flows.get(&b.addr).copied().unwrap_or(0),
+                    health: None,
                 })
                 .collect()
         };
@@ -196,6 +197,7 @@ impl Fake {
                     vip: v.id,
                     ring_size: v.ring_size,
                     hash: v.hash,
+                    all_down: false,
                     backends: backends(v),
                 })
                 .collect(),

@@ -26,28 +26,71 @@ pub fn status_table(status: &Status) -> String {
     let mut rows = Vec::new();
     for vip in &status.vips {
         if vip.backends.is_empty() {
-            rows.push(vec![vip.vip.to_string(), dash(), dash(), dash(), dash()]);
+            rows.push(vec![
+                vip.vip.to_string(),
+                dash(),
+                dash(),
+                dash(),
+                dash(),
+                dash(),
+                dash(),
+            ]);
         }
         for b in &vip.backends {
+            let (health, last) = b.health.as_ref().map_or_else(
+                || (dash(), dash()),
+                |h| {
+                    let state = if h.up { "up" } else { "down" };
+                    let last = match (&h.last, h.last_latency_us) {
+                        (Some(last), Some(us)) if last == "ok" => {
+                            format!("ok {:.1}ms", us as f64 / 1e3)
+                        }
+                        (Some(last), _) => last.clone(),
+                        (None, _) => "not yet checked".to_owned(),
+                    };
+                    (format!("{state} {}", since(h.since_secs)), last)
+                },
+            );
             rows.push(vec![
                 vip.vip.to_string(),
                 b.address.to_string(),
                 b.weight.to_string(),
                 b.state.to_string(),
                 b.flows.to_string(),
+                health,
+                last,
             ]);
         }
     }
-    table(
+    let mut out = table(
         &[
             ("VIP", Align::Left),
             ("BACKEND", Align::Left),
             ("WEIGHT", Align::Right),
             ("STATE", Align::Left),
             ("FLOWS", Align::Right),
+            ("HEALTH", Align::Left),
+            ("LAST CHECK", Align::Left),
         ],
         &rows,
-    )
+    );
+    for vip in status.vips.iter().filter(|v| v.all_down) {
+        let _ = writeln!(
+            out,
+            "warning: every backend of {} fails its health checks; it keeps its last table",
+            vip.vip
+        );
+    }
+    out
+}
+
+/// `75` -> `1m15s`.
+fn since(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{}s", secs / 60, secs % 60),
+        _ => format!("{}h{}m", secs / 3600, secs % 3600 / 60),
+    }
 }
 
 /// `lbctl vip list`: one row per VIP.
@@ -165,7 +208,7 @@ fn table(columns: &[(&str, Align)], rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use lb_userspace::{
-        api::proto::{BackendState, BackendStatus, VipStatus},
+        api::proto::{BackendState, BackendStatus, HealthReport, VipStatus},
         change::Change,
         model::{BackendSpec, HashMode},
     };
@@ -179,6 +222,7 @@ mod tests {
             drain: state == BackendState::Draining,
             state,
             flows,
+            health: None,
         }
     }
 
@@ -191,16 +235,36 @@ mod tests {
                     vip: "10.0.0.1:80/tcp".parse().unwrap(),
                     ring_size: 65_537,
                     hash: HashMode::FiveTuple,
+                    all_down: false,
                     backends: vec![
-                        backend("10.1.0.1", 100, BackendState::Active, 12_345),
+                        BackendStatus {
+                            health: Some(HealthReport {
+                                check: "tcp every 2s".into(),
+                                up: true,
+                                since_secs: 75,
+                                last: Some("ok".into()),
+                                last_latency_us: Some(420),
+                            }),
+                            ..backend("10.1.0.1", 100, BackendState::Active, 12_345)
+                        },
                         backend("10.1.0.22", 5, BackendState::Draining, 3),
-                        backend("10.1.0.3", 100, BackendState::Down, 0),
+                        BackendStatus {
+                            health: Some(HealthReport {
+                                check: "http:/healthz every 1s".into(),
+                                up: false,
+                                since_secs: 4,
+                                last: Some("HTTP 500 (expected 200-399)".into()),
+                                last_latency_us: Some(900),
+                            }),
+                            ..backend("10.1.0.3", 100, BackendState::Down, 0)
+                        },
                     ],
                 },
                 VipStatus {
                     vip: "10.0.0.2:53/udp".parse().unwrap(),
                     ring_size: 251,
                     hash: HashMode::SrcIp,
+                    all_down: true,
                     backends: vec![],
                 },
             ],
@@ -208,11 +272,12 @@ mod tests {
         assert_eq!(
             status_table(&status),
             "\
-VIP              BACKEND    WEIGHT  STATE     FLOWS
-10.0.0.1:80/tcp  10.1.0.1      100  active    12345
-10.0.0.1:80/tcp  10.1.0.22       5  draining      3
-10.0.0.1:80/tcp  10.1.0.3      100  down          0
-10.0.0.2:53/udp  -               -  -             -
+VIP              BACKEND    WEIGHT  STATE     FLOWS  HEALTH   LAST CHECK
+10.0.0.1:80/tcp  10.1.0.1      100  active    12345  up 1m15s ok 0.4ms
+10.0.0.1:80/tcp  10.1.0.22       5  draining      3  -        -
+10.0.0.1:80/tcp  10.1.0.3      100  down          0  down 4s  HTTP 500 (expected 200-399)
+10.0.0.2:53/udp  -               -  -             -  -        -
+warning: every backend of 10.0.0.2:53/udp fails its health checks; it keeps its last table
 "
         );
         let empty = Status {

@@ -1,6 +1,7 @@
-//! `lbd upgrade`: replaces the program inside every pinned link with the `lb_xdp` embedded in
-//! this binary, on the maps already pinned, so a new data plane takes over without a packet
-//! meeting an interface without a program and without losing a flow. It writes no map.
+//! `lbd upgrade`: replaces the program inside every pinned link with the `lb_xdp` (and, in the
+//! health-check links, the `lb_hc_encap`) embedded in this binary, on the maps already pinned,
+//! so a new data plane takes over without a packet meeting an interface without a program and
+//! without losing a flow. It writes no map.
 
 use std::{
     fs, io,
@@ -10,13 +11,15 @@ use std::{
 use aya::{EbpfLoader, maps::MapData};
 use lb_common::maps;
 
-use super::{LinkAdoption, PINNED_MAPS, adopt_link, loaded_map, program_error, program_mut};
+use super::{LinkAdoption, PINNED_MAPS, adopt_link, hc, loaded_map, program_error, program_mut};
 use crate::dataplane::DataPlaneError;
 
 /// Loads `lb_xdp` on the maps pinned under `<pin_dir>/maps` and swaps it into every link pinned
-/// under `<pin_dir>/links/<iface>` (`BPF_LINK_UPDATE`). Refuses when a map pin is missing: the
-/// new program must run on the running maps, never on fresh ones. Returns the interfaces whose
-/// link now runs the new program; a link whose interface is gone is skipped (and logged).
+/// under `<pin_dir>/links/<iface>` (`BPF_LINK_UPDATE`), and `lb_hc_encap` into every link pinned
+/// under `<pin_dir>/hc-links/<iface>`. Refuses when a map pin is missing: the new programs must
+/// run on the running maps, never on fresh ones. Returns the interfaces whose link now runs the
+/// new program (`hc:<iface>` for a health-check link); a link whose interface is gone is
+/// skipped (and logged).
 pub fn upgrade(pin_dir: &Path) -> Result<Vec<String>, DataPlaneError> {
     let map_dir = pin_dir.join("maps");
     // Every pin opened (and its map id noted) before loading: the loader silently creates and
@@ -38,7 +41,8 @@ pub fn upgrade(pin_dir: &Path) -> Result<Vec<String>, DataPlaneError> {
         pinned.push((name, id, data));
     }
     let links = pinned_links(&pin_dir.join("links"))?;
-    if links.is_empty() {
+    let hc_links = pinned_links(&pin_dir.join(hc::LINK_DIR))?;
+    if links.is_empty() && hc_links.is_empty() {
         return Ok(Vec::new());
     }
 
@@ -64,31 +68,51 @@ pub fn upgrade(pin_dir: &Path) -> Result<Vec<String>, DataPlaneError> {
             });
         }
     }
-    let program = program_mut(&mut ebpf)?;
-    program
-        .load()
-        .map_err(|e| program_error(maps::PROG_LB, e))?;
-
-    let mut upgraded = Vec::with_capacity(links.len());
-    for (iface, pin) in links {
-        match adopt_link(program, &pin) {
-            Ok(()) => upgraded.push(iface),
-            Err(LinkAdoption::Stale(reason)) => {
-                tracing::warn!(iface, %reason, pin = %pin.display(), "stale link pin, not upgraded");
-            }
-            Err(LinkAdoption::Failed(reason)) => {
-                return Err(DataPlaneError::Interface {
-                    iface,
-                    reason: format!(
-                        "replacing the program in the pinned link {}: {reason} (already \
-                         upgraded: {upgraded:?})",
-                        pin.display()
-                    ),
-                });
-            }
+    let mut upgraded = Vec::with_capacity(links.len() + hc_links.len());
+    if !links.is_empty() {
+        let program = program_mut(&mut ebpf)?;
+        program
+            .load()
+            .map_err(|e| program_error(maps::PROG_LB, e))?;
+        for (iface, pin) in links {
+            let outcome = adopt_link(program, &pin);
+            record(outcome, iface, &pin, &mut upgraded)?;
+        }
+    }
+    if !hc_links.is_empty() {
+        let program = hc::loaded_program(&mut ebpf)?;
+        for (iface, pin) in hc_links {
+            let outcome = hc::adopt_link(program, &pin);
+            record(outcome, format!("hc:{iface}"), &pin, &mut upgraded)?;
         }
     }
     Ok(upgraded)
+}
+
+/// Notes a link whose program was replaced, logs a stale one, and fails on any other error.
+fn record(
+    outcome: Result<(), LinkAdoption>,
+    iface: String,
+    pin: &Path,
+    upgraded: &mut Vec<String>,
+) -> Result<(), DataPlaneError> {
+    match outcome {
+        Ok(()) => upgraded.push(iface),
+        Err(LinkAdoption::Stale(reason)) => {
+            tracing::warn!(iface, %reason, pin = %pin.display(), "stale link pin, not upgraded");
+        }
+        Err(LinkAdoption::Failed(reason)) => {
+            return Err(DataPlaneError::Interface {
+                iface,
+                reason: format!(
+                    "replacing the program in the pinned link {}: {reason} (already upgraded: \
+                     {upgraded:?})",
+                    pin.display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `(interface, pin)` of every link pinned in `dir`, sorted; none when `dir` does not exist.
