@@ -388,7 +388,7 @@ fn quick_capacity_every_target_probed_each_second() {
 #[test]
 #[ignore = "takes about 3 minutes; run in release with --ignored --nocapture"]
 fn full_capacity_at_one_second_interval() {
-    const SIZES: [usize; 6] = [500, 1000, 2000, 5000, 10_000, 15_000];
+    const SIZES: [usize; 7] = [500, 1000, 1500, 2000, 3000, 5000, 10_000];
     const WARMUP: Duration = Duration::from_secs(2);
     const WINDOW: Duration = Duration::from_secs(10);
     // HEALTH_CAPACITY_SIZES=1000,3000 measures other sizes.

@@ -506,6 +506,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::too_many_lines)] // one table of every command line and what it parses to
     fn every_command_parses() {
         let vip: VipId = "10.0.0.1:80/tcp".parse().unwrap();
         let addr: IpAddr = "10.1.0.1".parse().unwrap();
