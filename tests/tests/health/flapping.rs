@@ -290,7 +290,24 @@ fn sample(bed: &Bed, lbd: &Lbd, watch: &mut Watch, vips: &[VipId]) -> Result<See
 }
 
 fn tables(maps: &PinnedMaps, vips: &[VipId]) -> Result<Vec<BTreeSet<IpAddr>>> {
-    vips.iter().map(|v| maps.table_addrs(&v.key())).collect()
+    vips.iter().map(|v| table(maps, v)).collect()
+}
+
+/// The backends of a VIP's table as the data plane saw it at one moment. Reading a table takes
+/// a few thousand lookups; the agent swaps the table and only then demotes the backends it no
+/// longer names, so a read that began before a swap could pair the old table with the demoted
+/// slots. A read is kept only when the VIP's entry (which the swap replaces) is the same
+/// before and after it.
+fn table(maps: &PinnedMaps, vip: &VipId) -> Result<BTreeSet<IpAddr>> {
+    let key = vip.key();
+    for _ in 0..10 {
+        let before = maps.vip(&key)?;
+        let addrs = maps.table_addrs(&key)?;
+        if maps.vip(&key)? == before {
+            return Ok(addrs);
+        }
+    }
+    bail!("{vip}'s table changed under every one of 10 reads")
 }
 
 fn check_sample(
