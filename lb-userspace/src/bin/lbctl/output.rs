@@ -272,11 +272,11 @@ mod tests {
         assert_eq!(
             status_table(&status),
             "\
-VIP              BACKEND    WEIGHT  STATE     FLOWS  HEALTH   LAST CHECK
-10.0.0.1:80/tcp  10.1.0.1      100  active    12345  up 1m15s ok 0.4ms
-10.0.0.1:80/tcp  10.1.0.22       5  draining      3  -        -
-10.0.0.1:80/tcp  10.1.0.3      100  down          0  down 4s  HTTP 500 (expected 200-399)
-10.0.0.2:53/udp  -               -  -             -  -        -
+VIP              BACKEND    WEIGHT  STATE     FLOWS  HEALTH    LAST CHECK
+10.0.0.1:80/tcp  10.1.0.1      100  active    12345  up 1m15s  ok 0.4ms
+10.0.0.1:80/tcp  10.1.0.22       5  draining      3  -         -
+10.0.0.1:80/tcp  10.1.0.3      100  down          0  down 4s   HTTP 500 (expected 200-399)
+10.0.0.2:53/udp  -               -  -             -  -         -
 warning: every backend of 10.0.0.2:53/udp fails its health checks; it keeps its last table
 "
         );
