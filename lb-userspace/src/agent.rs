@@ -55,6 +55,37 @@ pub enum AgentError {
     Api(#[from] api::server::ServerError),
     #[error("signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("health-check thread: {0}")]
+    HealthThread(#[source] std::io::Error),
+}
+
+/// A runtime on its own thread for the health checks, so fsyncs, map writes and table builds
+/// on the agent's loop never delay a probe into a false timeout. Shut down without waiting
+/// (dropping a runtime inside another one's task would panic).
+struct HealthRuntime(Option<tokio::runtime::Runtime>);
+
+impl HealthRuntime {
+    fn start() -> Result<Self, AgentError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("lbd-health")
+            .enable_all()
+            .build()
+            .map(|rt| Self(Some(rt)))
+            .map_err(AgentError::HealthThread)
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("running until dropped").handle()
+    }
+}
+
+impl Drop for HealthRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Everything lbd is started with.
@@ -107,15 +138,6 @@ async fn resolve_many(resolver: &Resolver, addrs: Vec<IpAddr>) -> Resolved {
         .collect()
 }
 
-fn backend_addrs(state: &DesiredState) -> Vec<IpAddr> {
-    let set: BTreeSet<IpAddr> = state
-        .vips
-        .values()
-        .flat_map(|v| v.backends.iter().map(|b| b.addr))
-        .collect();
-    set.into_iter().collect()
-}
-
 /// The agent's loop state.
 struct Agent {
     opts: AgentOptions,
@@ -130,6 +152,7 @@ struct Agent {
     resolving: bool,
     resolve_again: bool,
     checker: Checker,
+    flow_counts: Arc<flows::CountCache>,
 }
 
 impl Agent {
@@ -176,7 +199,7 @@ impl Agent {
             self.resolve_again = true;
             return;
         }
-        let addrs = backend_addrs(self.control.state());
+        let addrs = self.control.state().backend_addrs();
         if addrs.is_empty() {
             return;
         }
@@ -196,7 +219,8 @@ impl Agent {
     }
 
     /// Makes the checker check what the state asks for (after every change). A backend that
-    /// leaves or changes its check starts over as up.
+    /// leaves its check and comes back starts over as up; one whose check changes keeps its
+    /// state.
     fn sync_checks(&mut self) {
         let targets: Vec<Target> = self
             .control
@@ -210,12 +234,23 @@ impl Agent {
                     .filter_map(|(addr, spec)| self.target(vip, addr, spec))
             })
             .collect();
-        let ids: BTreeSet<(crate::model::VipId, IpAddr)> =
-            targets.iter().map(|t| (t.id.vip, t.id.backend)).collect();
         self.checker.set_targets(targets);
-        let before = self.control.health.down.len();
-        self.control.health.down.retain(|id| ids.contains(id));
-        if self.control.health.down.len() != before {
+        self.refresh_health();
+    }
+
+    /// Takes which backends are down from the checker itself, the one source of truth: a
+    /// transition still queued for a check that has since changed or gone cannot leave a
+    /// backend down with nothing checking it.
+    fn refresh_health(&mut self) {
+        let down: BTreeSet<_> = self
+            .checker
+            .snapshot()
+            .into_iter()
+            .filter(|(_, s)| !s.up)
+            .map(|(id, _)| (id.vip, id.backend))
+            .collect();
+        if down != self.control.health.down {
+            self.control.health.down = down;
             self.reconcile();
         }
     }
@@ -286,15 +321,12 @@ impl Agent {
     }
 
     fn on_transition(&mut self, t: &Transition) {
-        let id = (t.id.vip, t.id.backend);
         if t.up {
             tracing::info!(vip = %t.id.vip, backend = %t.id.backend, result = %t.reason, "backend passes its health checks: up");
-            self.control.health.down.remove(&id);
         } else {
             tracing::warn!(vip = %t.id.vip, backend = %t.id.backend, result = %t.reason, "backend fails its health checks: down");
-            self.control.health.down.insert(id);
         }
-        self.reconcile();
+        self.refresh_health();
     }
 
     /// Resolves a request's new backends (briefly), then commits it.
@@ -305,24 +337,39 @@ impl Agent {
             .into_iter()
             .filter(|a| !self.control.egress.contains_key(a) && !self.failing.contains_key(a))
             .collect();
+        let mut late = false;
         if !new.is_empty() && !pending.is_dry_run() {
             // Resolved neighbours answer in microseconds; a missing one takes the neighbour
-            // timeout, and the request does not wait that long.
-            match tokio::time::timeout(
-                CHANGE_RESOLVE_BUDGET,
-                resolve_many(&self.resolver, new.clone()),
-            )
-            .await
-            {
-                Ok(results) => {
-                    let mut wanted = backend_addrs(self.control.state());
-                    wanted.extend(new);
-                    self.absorb(results, &wanted);
-                }
-                // Committed without them; they join when the lookup ends.
-                Err(_) => self.resolve_in_background(),
-            }
+            // timeout, and the request does not wait that long for it.
+            let lookups = new
+                .iter()
+                .map(|a| tokio::time::timeout(CHANGE_RESOLVE_BUDGET, self.resolver.resolve(*a)));
+            let answered: Resolved = new
+                .iter()
+                .zip(join_all(lookups).await)
+                .filter_map(|(a, r)| Some((*a, r.ok()?.map_err(|e| e.to_string()))))
+                .collect();
+            late = answered.len() < new.len();
+            let mut wanted = self.control.state().backend_addrs();
+            wanted.extend(new);
+            self.absorb(answered, &wanted);
         }
+        let reply = self.commit_with_room(pending).await;
+        // The state changed (or a failed write left it half done): checks follow it, and the
+        // backends that did not answer in time join when their lookup ends.
+        self.sync_checks();
+        if late {
+            self.resolve_in_background();
+        }
+        reply
+    }
+
+    /// Commits; a change refused only because replaced tables are still in quarantine is
+    /// tried once more when the quarantine ends.
+    async fn commit_with_room(
+        &mut self,
+        pending: Pending,
+    ) -> Result<api::proto::ChangeReply, ApiError> {
         let retry = pending.clone();
         match self.commit_now(pending) {
             Err(e) if e.kind == ErrorKind::NoRoom => match self.control.room_after() {
@@ -347,7 +394,6 @@ impl Agent {
                 for change in &r.changes {
                     tracing::info!(change = %change, "change applied");
                 }
-                self.sync_checks();
             }
             Ok(_) => {}
             Err(e) => tracing::info!(error = %e, "change refused"),
@@ -404,12 +450,12 @@ impl Agent {
         &self,
         idle_timeout: Duration,
         reply: oneshot::Sender<Result<T, ApiError>>,
-        finish: impl FnOnce(&std::collections::HashMap<(u32, u32), u64>) -> T + Send + 'static,
+        finish: impl FnOnce(&flows::Counts) -> T + Send + 'static,
     ) {
         let table = self.control.dp().flow_table();
+        let cache = self.flow_counts.clone();
         tokio::task::spawn_blocking(move || {
-            let counts =
-                flows::count_live(&*table, flows::now_tick(), flows::idle_ticks(idle_timeout));
+            let counts = cache.counts(&*table, flows::now_tick(), flows::idle_ticks(idle_timeout));
             let result = counts
                 .map(|c| finish(&c))
                 .map_err(|e| ApiError::new(ErrorKind::Internal, format!("flow table: {e}")));
@@ -486,8 +532,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let resolver = Arc::new(Resolver::new()?);
     let mut netlink_changes = watch_changes().await?;
     let (resolved_tx, mut resolved_rx) = mpsc::unbounded_channel();
-    let (checker, mut transitions) =
-        Checker::spawn(MAX_CHECKS_IN_FLIGHT).expect("called within the runtime");
+    let health_runtime = HealthRuntime::start()?;
+    let (checker, mut transitions) = {
+        let _on_it = health_runtime.handle().enter();
+        Checker::spawn(MAX_CHECKS_IN_FLIGHT).expect("entered the health runtime")
+    };
     let mut agent = Agent {
         opts,
         control,
@@ -497,8 +546,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         resolving: false,
         resolve_again: false,
         checker,
+        flow_counts: Arc::default(),
     };
-    let addrs = backend_addrs(agent.control.state());
+    let addrs = agent.control.state().backend_addrs();
     let first = resolve_many(&agent.resolver, addrs.clone()).await;
     agent.absorb(first, &addrs);
     agent.control.reconcile()?;
@@ -538,7 +588,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             Some(transition) = transitions.recv() => agent.on_transition(&transition),
             Some(results) = resolved_rx.recv() => {
                 agent.resolving = false;
-                let wanted = backend_addrs(agent.control.state());
+                let wanted = agent.control.state().backend_addrs();
                 if agent.absorb(results, &wanted) {
                     agent.reconcile();
                 }
@@ -554,6 +604,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 agent.resolve_in_background();
                 // Also retries a failed write and releases quarantined slots and regions.
                 agent.reconcile();
+                agent.sync_checks();
             }
         }
     }

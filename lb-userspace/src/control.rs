@@ -115,15 +115,7 @@ pub struct Pending {
 impl Pending {
     /// Backend addresses of the new state.
     pub fn backend_addrs(&self) -> Vec<IpAddr> {
-        let mut addrs: Vec<IpAddr> = self
-            .state
-            .vips
-            .values()
-            .flat_map(|v| v.backends.iter().map(|b| b.addr))
-            .collect();
-        addrs.sort_unstable();
-        addrs.dedup();
-        addrs
+        self.state.backend_addrs()
     }
 
     pub fn is_dry_run(&self) -> bool {
@@ -283,6 +275,13 @@ impl<D: DataPlane> Control<D> {
     /// Checks room in the data plane, saves, then writes the data plane. A dry run, or an
     /// empty change, stops after the check.
     pub fn commit(&mut self, pending: Pending) -> Result<ChangeReply, ApiError> {
+        // Draining a drained backend, say: nothing to save or write.
+        if pending.state == self.state {
+            return Ok(ChangeReply {
+                applied: false,
+                changes: pending.changes,
+            });
+        }
         self.reconciler
             .check(&plans(&pending.state, &self.egress, &self.health).plans)
             .map_err(ApiError::from)?;
@@ -337,7 +336,6 @@ impl<D: DataPlane> Control<D> {
             })
     }
 
-    /// Everything of `lbctl status` but the flow counts.
     /// The backend slot of an installed backend (health checks through the tunnel mark their
     /// packets with it).
     pub fn slot_of(&self, vip: &VipId, addr: IpAddr) -> Option<u32> {

@@ -2,7 +2,11 @@
 //! status reports. Time is in the data plane's ticks (coarse monotonic ns >> 30, about seconds),
 //! so entries are compared with the clock that wrote them.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use lb_common::{FlowValue, keys::FLOW_F_CLOSED};
 
@@ -64,10 +68,67 @@ pub fn count_live(
     Ok(counts)
 }
 
+/// Live-flow counts by (slot, generation).
+pub type Counts = HashMap<(u32, u32), u64>;
+
+/// The last scan, reused within its tick: counts can only change when the tick does (an entry
+/// ages by ticks), and a scan of a large table takes long. One scan runs at a time, however
+/// many drain waits and status requests ask.
+#[derive(Default)]
+pub struct CountCache {
+    last: Mutex<Option<(u32, u32, Arc<Counts>)>>,
+}
+
+impl CountCache {
+    /// The counts at `now_tick` for `idle_ticks`, from the cache or a fresh scan.
+    pub fn counts(
+        &self,
+        table: &dyn FlowTable,
+        now_tick: u32,
+        idle_ticks: u32,
+    ) -> Result<Arc<Counts>, DataPlaneError> {
+        // Held during the scan, so concurrent askers wait for it instead of scanning too.
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((tick, idle, counts)) = &*last
+            && (*tick, *idle) == (now_tick, idle_ticks)
+        {
+            return Ok(counts.clone());
+        }
+        let counts = Arc::new(count_live(table, now_tick, idle_ticks)?);
+        *last = Some((now_tick, idle_ticks, counts.clone()));
+        Ok(counts)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dataplane::fake::FakeFlows;
+
+    /// Counts its scans.
+    struct Counted(FakeFlows, std::sync::atomic::AtomicU32);
+
+    impl FlowTable for Counted {
+        fn for_each_flow(&self, f: &mut dyn FnMut(&FlowValue)) -> Result<(), DataPlaneError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.for_each_flow(f)
+        }
+    }
+
+    #[test]
+    fn the_cache_scans_once_per_tick_and_idle_timeout() {
+        let table = Counted(FakeFlows::default(), 0.into());
+        table.0.push(flow(1, 1, 100, 0));
+        let cache = CountCache::default();
+        let scans = || table.1.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(cache.counts(&table, 100, 5).unwrap()[&(1, 1)], 1);
+        assert_eq!(cache.counts(&table, 100, 5).unwrap()[&(1, 1)], 1);
+        assert_eq!(scans(), 1);
+        // A new tick or another idle timeout scans again.
+        assert!(cache.counts(&table, 106, 5).unwrap().is_empty());
+        assert_eq!(cache.counts(&table, 106, 9).unwrap()[&(1, 1)], 1);
+        assert_eq!(scans(), 3);
+    }
 
     fn flow(slot: u32, generation: u32, last_seen: u32, flags: u32) -> FlowValue {
         FlowValue {

@@ -392,6 +392,18 @@ impl DesiredState {
         self.check_limits(0, 0)
     }
 
+    /// Every backend address, over all VIPs, sorted and without repeats.
+    pub fn backend_addrs(&self) -> Vec<IpAddr> {
+        let mut addrs: Vec<IpAddr> = self
+            .vips
+            .values()
+            .flat_map(|v| v.backends.iter().map(|b| b.addr))
+            .collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        addrs
+    }
+
     /// Backends over all VIPs: each takes one data-plane slot.
     pub fn backend_count(&self) -> usize {
         self.vips.values().map(|v| v.backends.len()).sum()

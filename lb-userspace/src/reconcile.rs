@@ -87,7 +87,18 @@ struct InstalledVip {
     meta: VipMeta,
     region: Option<Region>,
     table: Vec<u32>,
+    /// What `table` was built from; `None` when it was read back from the maps.
+    inputs: Option<TableInputs>,
     backends: BTreeMap<IpAddr, InstalledBackend>,
+}
+
+/// Everything a Maglev table depends on: its size and the (address, weight, slot) of each
+/// backend that takes new flows. Equal inputs give an equal table, so it is built only when
+/// they change (a change to one VIP does not rebuild the others).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TableInputs {
+    ring_size: u32,
+    takers: Vec<(IpAddr, u32, u32)>,
 }
 
 /// Everything apply writes for one VIP, decided before the first write.
@@ -97,6 +108,7 @@ struct PreparedVip<'p> {
     /// (address, slot, value) of every wanted backend.
     slots: Vec<(IpAddr, u32, BackendSlot)>,
     table: Vec<u32>,
+    inputs: TableInputs,
     /// Needs a new table region: a new VIP, or a changed table, hash or size.
     swap: bool,
 }
@@ -138,30 +150,33 @@ fn slot_value(b: &BackendPlan, vip_id: u32, generation: u32) -> BackendSlot {
 }
 
 /// The Maglev table of slot indices, over the backends that take new flows.
-fn build_table(plan: &VipPlan, slots: &[(IpAddr, u32, BackendSlot)]) -> Vec<u32> {
-    let takers: Vec<(maglev::Weighted, u32)> = plan
+fn table_inputs(plan: &VipPlan, slots: &[(IpAddr, u32, BackendSlot)]) -> TableInputs {
+    let takers = plan
         .backends
         .iter()
         .zip(slots)
         .filter(|(_, (_, _, value))| value.state == SLOT_ACTIVE)
-        .map(|(b, (_, slot, _))| {
-            (
-                maglev::Weighted {
-                    addr: b.addr,
-                    weight: b.weight,
-                },
-                *slot,
-            )
-        })
+        .map(|(b, (_, slot, _))| (b.addr, b.weight, *slot))
         .collect();
-    let weighted: Vec<maglev::Weighted> = takers.iter().map(|(w, _)| *w).collect();
-    maglev::build_table(&weighted, plan.ring_size)
+    TableInputs {
+        ring_size: plan.ring_size,
+        takers,
+    }
+}
+
+fn build_table(inputs: &TableInputs) -> Vec<u32> {
+    let weighted: Vec<maglev::Weighted> = inputs
+        .takers
+        .iter()
+        .map(|&(addr, weight, _)| maglev::Weighted { addr, weight })
+        .collect();
+    maglev::build_table(&weighted, inputs.ring_size)
         .into_iter()
         .map(|i| {
             if i == RING_EMPTY {
                 RING_EMPTY
             } else {
-                takers[i as usize].1
+                inputs.takers[i as usize].2
             }
         })
         .collect()
@@ -243,6 +258,7 @@ impl Reconciler {
                     meta,
                     region,
                     table,
+                    inputs: None,
                     backends,
                 },
             );
@@ -465,7 +481,11 @@ impl Reconciler {
                     (b.addr, slot, slot_value(b, vip_id, generation))
                 })
                 .collect();
-            let table = build_table(plan, &slots);
+            let inputs = table_inputs(plan, &slots);
+            let table = match installed {
+                Some(v) if v.inputs.as_ref() == Some(&inputs) => v.table.clone(),
+                _ => build_table(&inputs),
+            };
             let swap = installed.is_none_or(|v| {
                 v.region.is_none()
                     || v.meta.flags != plan.flags
@@ -484,6 +504,7 @@ impl Reconciler {
                 vip_id,
                 slots,
                 table,
+                inputs,
                 swap,
             });
         }
@@ -526,6 +547,7 @@ impl Reconciler {
             },
             region: None,
             table: Vec::new(),
+            inputs: None,
             backends: BTreeMap::new(),
         });
         let result = self.apply_vip_steps(dp, p, &mut vip, now);
@@ -554,6 +576,7 @@ impl Reconciler {
         if p.swap {
             self.swap_table(dp, p, vip, now)?;
         }
+        vip.inputs = Some(p.inputs.clone());
         // 3. Demotions (draining, down), then backends no longer wanted.
         for (addr, slot, value) in late {
             self.write_slot(dp, slot, &value)?;

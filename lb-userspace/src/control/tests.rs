@@ -351,3 +351,20 @@ fn failed_checks_take_a_backend_out_and_all_down_keeps_the_last_table() {
     assert_eq!(slot(&c, b2).1, lb_common::keys::SLOT_DOWN);
     assert!(c.all_down().is_empty());
 }
+
+#[test]
+fn a_change_that_changes_nothing_saves_and_writes_nothing() {
+    let dir = TempDir::new("noop");
+    let mut c = control(&dir, 64);
+    seed(&mut c);
+    let drain =
+        r#"{"changes":[{"op":"backend_drain","vip":"10.0.0.1:80/tcp","address":"10.1.0.2"}]}"#;
+    assert!(run(&mut c, drain).unwrap().applied);
+    let file = fs::read(dir.0.join("state.toml")).unwrap();
+    let ops = c.dp().ops.len();
+    let again = run(&mut c, drain).unwrap();
+    assert!(!again.applied);
+    assert_eq!(again.changes.len(), 1);
+    assert_eq!(c.dp().ops.len(), ops);
+    assert_eq!(fs::read(dir.0.join("state.toml")).unwrap(), file);
+}

@@ -279,12 +279,6 @@ impl KernelDataPlane {
         hc::attach(&mut self.ebpf, &self.pin_dir, iface)
     }
 
-    /// Detaches `lb_hc_encap` from `iface` (removes its pinned link); false when it was not
-    /// attached there.
-    pub fn detach_hc(&mut self, iface: &str) -> Result<bool, DataPlaneError> {
-        hc::detach(&self.pin_dir, iface)
-    }
-
     /// Entries in the flow table (the size it was created with).
     pub fn flow_table_size(&self) -> u32 {
         self.flows.max_entries

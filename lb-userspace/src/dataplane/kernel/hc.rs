@@ -89,17 +89,6 @@ pub(super) fn attach(
     Ok(Attached::New)
 }
 
-/// Detaches the program from `iface` by removing its pin (lbd keeps no other reference to the
-/// link). False when nothing was attached there.
-pub(super) fn detach(pin_dir: &Path, iface: &str) -> Result<bool, DataPlaneError> {
-    let pin = pin_dir.join(LINK_DIR).join(iface);
-    match fs::remove_file(&pin) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(DataPlaneError::Pin { path: pin, source }),
-    }
-}
-
 /// The program, loaded into the kernel if it was not yet.
 pub(super) fn loaded_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataPlaneError> {
     let program: &mut SchedClassifier = ebpf
