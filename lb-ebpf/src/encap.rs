@@ -35,27 +35,7 @@ pub fn ipip_v4(
     if slot.family != FAMILY_V4 || slot.encap != ENCAP_IPIP {
         return Err(DropReason::EncapFailed);
     }
-    let tot_len = inner
-        .tot_len
-        .checked_add(IPV4_HLEN as u16)
-        .ok_or(DropReason::EncapFailed)?;
-    let dst = slot.addr[0];
-    let [s0, s1, s2, s3] = src.to_ne_bytes();
-    let [d0, d1, d2, d3] = dst.to_ne_bytes();
-    // The outer header as ten 16-bit words in memory order (checksum word zero for now).
-    let mut words: [u16; 10] = [
-        u16::from_ne_bytes([0x45, inner.tos]),
-        tot_len.to_be(),
-        0,
-        IP_DF.to_be(),
-        u16::from_ne_bytes([OUTER_TTL, IPPROTO_IPIP]),
-        0,
-        u16::from_ne_bytes([s0, s1]),
-        u16::from_ne_bytes([s2, s3]),
-        u16::from_ne_bytes([d0, d1]),
-        u16::from_ne_bytes([d2, d3]),
-    ];
-    words[5] = ipv4_header_csum(&words);
+    let words = outer_header(slot, inner, src).ok_or(DropReason::EncapFailed)?;
 
     // SAFETY: the helper only moves ctx->data; it takes the program's own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_HLEN as i32)) } != 0 {
@@ -75,4 +55,28 @@ pub fn ipip_v4(
         ip.write_unaligned(words);
     }
     Ok(())
+}
+
+/// The outer IPv4 header from `src` toward the slot's backend: ten 16-bit words in memory
+/// order, checksum filled in. `None` when the inner packet is too long to wrap. Shared with the
+/// health-check program, whose probes must leave exactly as client packets do.
+#[inline(always)]
+pub fn outer_header(slot: &BackendSlot, inner: &Inner, src: u32) -> Option<[u16; 10]> {
+    let tot_len = inner.tot_len.checked_add(IPV4_HLEN as u16)?;
+    let [s0, s1, s2, s3] = src.to_ne_bytes();
+    let [d0, d1, d2, d3] = slot.addr[0].to_ne_bytes();
+    let mut words: [u16; 10] = [
+        u16::from_ne_bytes([0x45, inner.tos]),
+        tot_len.to_be(),
+        0,
+        IP_DF.to_be(),
+        u16::from_ne_bytes([OUTER_TTL, IPPROTO_IPIP]),
+        0,
+        u16::from_ne_bytes([s0, s1]),
+        u16::from_ne_bytes([s2, s3]),
+        u16::from_ne_bytes([d0, d1]),
+        u16::from_ne_bytes([d2, d3]),
+    ];
+    words[5] = ipv4_header_csum(&words);
+    Some(words)
 }

@@ -15,21 +15,18 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendSlot, FlowKey,
-    hash::{flow_hash, ipv4_header_csum},
+    hash::flow_hash,
     keys::{ENCAP_IPIP, FAMILY_V4, PROTO_TCP, PROTO_UDP, SLOT_FREE, SLOT_RETIRED},
     maps::hc_slot,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
+    encap::{Inner, outer_header},
     lookup,
     maps::LB_BACKENDS,
-    parse::{ETH_HLEN, ETH_P_IP, IPPROTO_IPIP, IPV4_HLEN},
+    parse::{ETH_HLEN, ETH_P_IP, IPV4_HLEN},
 };
-
-const OUTER_TTL: u8 = 64;
-/// Don't-fragment, as on the balancer's outer headers.
-const IP_DF: u16 = 0x4000;
 
 /// The program's verdict for one packet leaving an interface.
 #[inline(always)]
@@ -95,8 +92,11 @@ fn encap(ctx: &TcContext, index: u32) -> Option<i32> {
     } else {
         flow_hash(&flow) & cfg.encap_src_v4_mask
     };
-    let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
-    let outer = outer_header(slot, ip[1], tot_len, cfg.encap_src_v4 | entropy)?;
+    let inner = Inner {
+        tos: ip[1],
+        tot_len: u16::from_be_bytes([ip[2], ip[3]]),
+    };
+    let outer = outer_header(slot, &inner, cfg.encap_src_v4 | entropy)?;
 
     // Room for the outer header between the Ethernet and the inner IPv4 header; the ENCAP
     // flag records the inner headers so checksum and segmentation offloads still find them.
@@ -124,27 +124,4 @@ fn encap(ctx: &TcContext, index: u32) -> Option<i32> {
     }
     // SAFETY: plain helper call; flags 0 sends it out of (not into) the interface.
     Some(unsafe { bpf_redirect(slot.ifindex, 0) } as i32)
-}
-
-/// The outer IPv4 header toward the slot's backend, as `lb_xdp` writes it: ten 16-bit words in
-/// memory order, checksum filled in. `tot_len` is the inner packet's, host order.
-#[inline(always)]
-fn outer_header(slot: &BackendSlot, tos: u8, tot_len: u16, src: u32) -> Option<[u16; 10]> {
-    let tot_len = tot_len.checked_add(IPV4_HLEN as u16)?;
-    let [s0, s1, s2, s3] = src.to_ne_bytes();
-    let [d0, d1, d2, d3] = slot.addr[0].to_ne_bytes();
-    let mut words: [u16; 10] = [
-        u16::from_ne_bytes([0x45, tos]),
-        tot_len.to_be(),
-        0,
-        IP_DF.to_be(),
-        u16::from_ne_bytes([OUTER_TTL, IPPROTO_IPIP]),
-        0,
-        u16::from_ne_bytes([s0, s1]),
-        u16::from_ne_bytes([s2, s3]),
-        u16::from_ne_bytes([d0, d1]),
-        u16::from_ne_bytes([d2, d3]),
-    ];
-    words[5] = ipv4_header_csum(&words);
-    Some(words)
 }

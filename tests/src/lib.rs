@@ -1,5 +1,7 @@
 //! Test support: namespace topologies, traffic generators, program test-run fixtures.
 
+pub mod balancer;
+pub mod bpf;
 pub mod chatter;
 pub mod lb;
 pub mod lbctl;

@@ -7,9 +7,7 @@
 
 use std::{
     collections::BTreeSet,
-    fs,
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
@@ -18,19 +16,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    Ebpf, EbpfLoader, TestRun, TestRunOptions,
-    maps::PerCpuArray,
-    programs::{ProgramError, Xdp},
-};
+use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions, maps::PerCpuArray, programs::Xdp};
 use lb_common::{DropReason, VipKey, keys::PROTO_TCP, maps};
-use lb_tests::packet::{self, ETH_HLEN, TCP_SYN};
+use lb_tests::{
+    bpf::{self, PinDir, XDP_TX},
+    packet::{self, ETH_HLEN, TCP_SYN},
+};
 use lb_userspace::{
     dataplane::kernel::{KernelDataPlane, LoadOptions},
     reconcile::{BackendPlan, Egress, Reconciler, VipPlan},
 };
 
-const XDP_TX: u32 = 3;
 /// `BPF_PROG_TEST_RUN` without a context runs on the loopback device (ifindex 1): slots
 /// egressing there are sent with `XDP_TX`.
 const LO: u32 = 1;
@@ -46,34 +42,7 @@ const MIN_SWAPS: u64 = 2000;
 const DEADLINE: Duration = Duration::from_secs(15);
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("skipping: needs root (BPF maps, pins, BPF_PROG_TEST_RUN)");
-    }
-    root
-}
-
-/// A unique pin folder under /sys/fs/bpf, removed (with every pin in it) on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new(label: &str) -> Self {
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/lbt-{}-{label}",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            eprintln!("removing {}: {e}", self.0.display());
-        }
-    }
+    bpf::is_root("BPF maps, pins, BPF_PROG_TEST_RUN")
 }
 
 fn set(net: u8) -> Vec<Ipv4Addr> {
@@ -129,7 +98,7 @@ fn packets_see_one_backend_set_or_the_other_while_tables_swap() {
     let (packets, seen) = thread::scope(|scope| {
         let swapper = scope.spawn(|| {
             let mut dp = KernelDataPlane::load(&LoadOptions {
-                pin_dir: pins.0.clone(),
+                pin_dir: pins.path().to_path_buf(),
                 flow_table_size: 1 << 16,
                 ring_pool_size: RING_POOL,
             })
@@ -202,7 +171,7 @@ fn run_packets(
     stop: &AtomicBool,
 ) -> (u64, BTreeSet<Ipv4Addr>) {
     let mut loader = EbpfLoader::new();
-    let map_dir = pins.0.join("maps");
+    let map_dir = pins.path().join("maps");
     for name in maps::BALANCER_MAPS {
         assert!(map_dir.join(name).exists(), "{name} pinned");
         loader.map_pin_path(name, map_dir.join(name));
@@ -210,18 +179,12 @@ fn run_packets(
     let mut ebpf = loader
         .load(lb_userspace::lb_object())
         .unwrap_or_else(|e| panic!("loading the bpf-balancer object: {e}"));
-    let prog: &mut Xdp = ebpf
-        .program_mut(maps::PROG_LB)
+    bpf::load_program(&mut ebpf, maps::PROG_LB);
+    let prog: &Xdp = ebpf
+        .program(maps::PROG_LB)
         .expect("lb_xdp")
         .try_into()
         .expect("xdp");
-    prog.load().unwrap_or_else(|e| match e {
-        ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => panic!("verifier: {io_error}\n{verifier_log}"),
-        other => panic!("loading lb_xdp: {other}"),
-    });
 
     let started = Instant::now();
     let mut out = vec![0u8; 256];

@@ -13,11 +13,9 @@
 //! (`arp_ignore`), and the SYN would wait on the neighbour entry and never reach tc egress.
 
 use std::{
-    fs,
     io::{self, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -27,6 +25,7 @@ use lb_common::{
     maps::hc_mark,
 };
 use lb_tests::{
+    bpf::{self, PinDir},
     netns::{Netns, topology::Topology},
     traffic::{Server, who},
 };
@@ -46,35 +45,7 @@ const RING_SIZE: u32 = 251;
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("skipping: needs root (namespaces, BPF)");
-    }
-    root
-}
-
-/// A pin folder under /sys/fs/bpf named like the harness's (`lbt-<pid>-...`, so a crashed run's
-/// leftovers are swept), removed with every pin in it on drop: that detaches the links.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new(label: &str) -> Self {
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/lbt-{}-{label}",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            eprintln!("removing {}: {e}", self.0.display());
-        }
-    }
+    bpf::is_root("namespaces, BPF")
 }
 
 /// Connects to `addr` from a socket marked `mark` within `timeout`, asks `WHO` and returns the
@@ -216,7 +187,7 @@ fn gateway(
 ) -> (Vec<(u32, u8)>, Attached) {
     ns.run(|| {
         let mut dp = KernelDataPlane::load(&LoadOptions {
-            pin_dir: pins.0.clone(),
+            pin_dir: pins.path().to_path_buf(),
             flow_table_size: 4096,
             ring_pool_size: 4096,
         })
@@ -316,7 +287,7 @@ fn tunnel_checks(label: &str, mode: AttachMode) {
     assert_eq!([slots[0].1, slots[1].1], [SLOT_ACTIVE; 2]);
     let slots = [slots[0].0, slots[1].0];
     assert!(
-        pins.0.join("hc-links/eth0").exists(),
+        pins.path().join("hc-links/eth0").exists(),
         "health-check link pinned"
     );
     // The deployment requirement: a route to the VIP out of eth0 via a next hop that resolves.
@@ -341,7 +312,7 @@ fn tunnel_checks(label: &str, mode: AttachMode) {
     );
 
     // lbd upgrade replaces the program inside the health-check link too.
-    let upgraded = kernel::upgrade(&pins.0).expect("upgrade");
+    let upgraded = kernel::upgrade(pins.path()).expect("upgrade");
     assert_eq!(upgraded, ["eth0", "hc:eth0"]);
     expect_checks(&topo, slots, "after upgrade");
 

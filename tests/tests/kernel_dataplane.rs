@@ -2,12 +2,7 @@
 //! scan (with its cost on a full 1M-entry table), and `upgrade`, which swaps the program inside
 //! pinned links while keeping every pinned map. Needs root; skips otherwise.
 
-use std::{
-    fs,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-    time::Instant,
-};
+use std::{fs, time::Instant};
 
 use aya::{
     maps::{Array, HashMap, Map, MapData},
@@ -17,7 +12,10 @@ use aya::{
     },
 };
 use lb_common::{FlowKey, FlowValue, GlobalConfig, keys::FAMILY_V4, maps};
-use lb_tests::netns::Netns;
+use lb_tests::{
+    bpf::{self, PinDir},
+    netns::Netns,
+};
 use lb_userspace::dataplane::{
     DataPlane, DataPlaneError,
     kernel::{self, AttachMode, Attached, KernelDataPlane, LoadOptions},
@@ -26,46 +24,12 @@ use lb_userspace::dataplane::{
 const FULL_TABLE: u32 = 1 << 20;
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("skipping: needs root (BPF maps, pins and links)");
-    }
-    root
-}
-
-static SEQUENCE: AtomicU32 = AtomicU32::new(0);
-
-/// A unique pin folder under /sys/fs/bpf, removed (with every pin in it) on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new(label: &str) -> Self {
-        let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/lbt-{}-{seq}-{label}",
-            std::process::id()
-        )))
-    }
-
-    fn map(&self, name: &str) -> PathBuf {
-        self.0.join("maps").join(name)
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            eprintln!("removing {}: {e}", self.0.display());
-        }
-    }
+    bpf::is_root("BPF maps, pins and links")
 }
 
 fn load(pins: &PinDir, flows: u32, ring_pool: u32) -> KernelDataPlane {
     KernelDataPlane::load(&LoadOptions {
-        pin_dir: pins.0.clone(),
+        pin_dir: pins.path().to_path_buf(),
         flow_table_size: flows,
         ring_pool_size: ring_pool,
     })
@@ -276,7 +240,7 @@ fn map_ids(pins: &PinDir) -> Vec<u32> {
 
 /// The program id the pinned link runs.
 fn link_program(pins: &PinDir, iface: &str) -> u32 {
-    let link = PinnedLink::from_pin(pins.0.join("links").join(iface)).expect("link pin");
+    let link = PinnedLink::from_pin(pins.path().join("links").join(iface)).expect("link pin");
     FdLink::from(link).info().expect("link info").program_id()
 }
 
@@ -322,7 +286,7 @@ fn upgrade_swaps_the_program_in_the_pinned_link_and_keeps_every_map() {
     let maps_before = map_ids(&pins);
     let program_before = link_program(&pins, "up0");
 
-    let upgraded = kernel::upgrade(&pins.0).expect("upgrade");
+    let upgraded = kernel::upgrade(pins.path()).expect("upgrade");
 
     assert_eq!(upgraded, ["up0"]);
     let program_after = link_program(&pins, "up0");
@@ -346,7 +310,7 @@ fn upgrade_swaps_the_program_in_the_pinned_link_and_keeps_every_map() {
     // A missing map pin: refused, nothing created, the link untouched.
     let removed = pins.map(maps::VIP_STATS);
     fs::remove_file(&removed).expect("unpin");
-    let err = kernel::upgrade(&pins.0).unwrap_err();
+    let err = kernel::upgrade(pins.path()).unwrap_err();
     assert!(
         matches!(&err, DataPlaneError::Pin { path, .. } if *path == removed),
         "{err}"

@@ -5,309 +5,60 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
-use aya::{
-    Ebpf, EbpfLoader, TestRun, TestRunOptions,
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
-    programs::{ProgramError, Xdp},
-};
+use aya::{Ebpf, EbpfLoader, maps::HashMap, programs::Xdp};
 use lb_common::{
-    BackendSlot, Counter, DropReason, FlowKey, FlowValue, GlobalConfig, TrafficCounters, VipKey,
-    VipMeta,
-    hash::flow_hash,
+    BackendSlot, Counter, DropReason, FlowKey, FlowValue, TrafficCounters, VipKey,
     keys::{
-        ENCAP_IPIP, FAMILY_V4, FLOW_F_CLOSED, PROTO_TCP, PROTO_UDP, RING_EMPTY, SLOT_ACTIVE,
-        SLOT_DOWN, SLOT_DRAINING, wire_addr,
+        FLOW_F_CLOSED, PROTO_TCP, PROTO_UDP, RING_EMPTY, SLOT_ACTIVE, SLOT_DOWN, SLOT_DRAINING,
     },
     maps,
-    stats::COUNTER_COUNT,
 };
-use lb_tests::packet::{
-    self, ETH_HLEN, ETH_P_IP, GATEWAY_MAC, IP_DF, IP_MF, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP,
-    IPPROTO_UDP, IPV4_HLEN, Ipv4, TCP_ACK, TCP_FIN, TCP_SYN,
+use lb_tests::{
+    balancer::{
+        ENCAP_SRC, Lb, TEST_RING_POOL, VIP, VIP_ID, VIP_PORT, backend, check_encapsulated,
+        flow_key, vip_addr,
+    },
+    bpf::{self, Run, TEST_RUN_IFINDEX, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    packet::{
+        self, ETH_HLEN, ETH_P_IP, GATEWAY_MAC, IP_MF, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP,
+        IPPROTO_UDP, IPV4_HLEN, Ipv4, TCP_ACK, TCP_FIN, TCP_SYN,
+    },
 };
 use lb_userspace::flows::now_tick;
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 
 /// TCP RST flag (the packet builder has no constant for it).
 const TCP_RST: u8 = 0x04;
 
-/// Without a context, `BPF_PROG_TEST_RUN` runs an XDP program as if the frame came in on the
-/// loopback device of the caller's namespace, which is always ifindex 1.
-const TEST_RUN_IFINDEX: u32 = 1;
-
-/// Small flow table and ring pool: the defaults would allocate tens of MB per test.
-const TEST_FLOWS: u32 = 1024;
-const TEST_RING_POOL: u32 = 4096;
-
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const NOT_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 200);
-const VIP_PORT: u16 = 80;
-const VIP_ID: u32 = 7;
 const RING_OFFSET: u32 = 100;
 const RING_SIZE: u32 = 13;
 /// Backend slots the standard ring cycles through.
 const SLOTS: [u32; 3] = [3, 4, 5];
 /// A slot outside the standard ring, to move flows to.
 const OTHER_SLOT: u32 = 9;
-const ENCAP_SRC: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 0);
-/// Entropy bits of the outer source: the low 16 bits (a /16 of source addresses).
-const ENCAP_MASK: Ipv4Addr = Ipv4Addr::new(0, 0, 255, 255);
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("skipping: BPF_PROG_TEST_RUN needs root (run the tests as root)");
-    }
-    root
-}
-
-fn wire(addr: Ipv4Addr) -> u32 {
-    wire_addr(IpAddr::V4(addr)).0[0]
+    bpf::is_root("BPF_PROG_TEST_RUN")
 }
 
 fn client(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), port)
 }
 
-fn vip_addr() -> SocketAddrV4 {
-    SocketAddrV4::new(VIP, VIP_PORT)
-}
-
-/// The flow key the data plane builds for a frame from `src` to `dst`.
-fn flow_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
-    FlowKey {
-        src: wire_addr(IpAddr::V4(*src.ip())).0,
-        dst: wire_addr(IpAddr::V4(*dst.ip())).0,
-        sport: src.port().to_be(),
-        dport: dst.port().to_be(),
-        proto,
-        family: FAMILY_V4,
-        pad: [0; 2],
+/// The standard setup: TCP VIP 10.0.0.100:80 with a 13-entry ring cycling over slots 3, 4
+/// and 5 (all egressing on the ingress interface).
+fn standard() -> Lb {
+    let mut lb = Lb::empty();
+    lb.add_vip(vip_addr(), PROTO_TCP, RING_OFFSET, RING_SIZE);
+    for slot in SLOTS {
+        lb.set_backend(slot, backend(slot, TEST_RUN_IFINDEX));
     }
-}
-
-/// Backend slot `index` at 192.168.1.`index`, reached through `ifindex`.
-fn backend(index: u32, ifindex: u32) -> BackendSlot {
-    let n = index as u8;
-    BackendSlot {
-        addr: wire_addr(IpAddr::V4(Ipv4Addr::new(192, 168, 1, n))).0,
-        family: FAMILY_V4,
-        state: SLOT_ACTIVE,
-        encap: ENCAP_IPIP,
-        generation: 1,
-        vip_id: VIP_ID,
-        ifindex,
-        dst_mac: [0x02, 0xbe, 0, 0, 0, n],
-        src_mac: GATEWAY_MAC,
-        ..BackendSlot::default()
-    }
-}
-
-fn load_error(what: &str, e: &ProgramError) -> String {
-    match e {
-        ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => format!("verifier rejected {what}: {io_error}\n{verifier_log}"),
-        other => format!("loading {what}: {other}"),
-    }
-}
-
-/// What one run returned.
-struct Run {
-    action: u32,
-    frame: Vec<u8>,
-    nanos: u64,
-}
-
-fn test_run(prog: &Xdp, frame: &[u8]) -> Run {
-    let mut out = vec![0u8; frame.len() + 256];
-    // repeat = 1: with more, the kernel runs the program again on the already modified buffer.
-    let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..TestRunOptions::default()
-        })
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
-    out.truncate(result.data_size_out as usize);
-    Run {
-        action: result.return_value,
-        frame: out,
-        nanos: result.duration.as_nanos() as u64,
-    }
-}
-
-/// The balancer object with its maps, filled by the test.
-struct Lb {
-    ebpf: Ebpf,
-    /// What the test wrote to the VIP's ring, to predict backends.
-    ring: Vec<u32>,
-}
-
-impl Lb {
-    /// Loads the bpf-balancer object with empty maps and the outer-source config.
-    fn empty() -> Self {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(maps::FLOWS, TEST_FLOWS)
-            .map_max_entries(maps::RINGS, TEST_RING_POOL)
-            .load(lb_userspace::lb_object())
-            .unwrap_or_else(|e| panic!("loading the bpf-balancer object: {e}"));
-        let prog: &mut Xdp = ebpf
-            .program_mut(maps::PROG_LB)
-            .expect("lb_xdp in the object")
-            .try_into()
-            .expect("lb_xdp is XDP");
-        prog.load()
-            .unwrap_or_else(|e| panic!("{}", load_error("lb_xdp", &e)));
-        let mut config: Array<_, GlobalConfig> =
-            Array::try_from(ebpf.map_mut(maps::CONFIG).expect("LB_CONFIG")).expect("array");
-        let cfg = GlobalConfig {
-            encap_src_v4: wire(ENCAP_SRC),
-            encap_src_v4_mask: wire(ENCAP_MASK),
-            ..GlobalConfig::default()
-        };
-        config.set(0, cfg, 0).expect("set LB_CONFIG");
-        Self {
-            ebpf,
-            ring: Vec::new(),
-        }
-    }
-
-    /// The standard setup: TCP VIP 10.0.0.100:80 with a 13-entry ring cycling over slots 3, 4
-    /// and 5 (all egressing on the ingress interface).
-    fn standard() -> Self {
-        let mut lb = Self::empty();
-        lb.add_vip(vip_addr(), PROTO_TCP, RING_OFFSET, RING_SIZE);
-        for slot in SLOTS {
-            lb.set_backend(slot, backend(slot, TEST_RUN_IFINDEX));
-        }
-        lb.set_backend(OTHER_SLOT, backend(OTHER_SLOT, TEST_RUN_IFINDEX));
-        let ring: Vec<u32> = (0..RING_SIZE)
-            .map(|i| SLOTS[i as usize % SLOTS.len()])
-            .collect();
-        lb.set_ring(RING_OFFSET, &ring);
-        lb
-    }
-
-    fn add_vip(&mut self, vip: SocketAddrV4, proto: u8, ring_offset: u32, ring_size: u32) {
-        let key = VipKey::new(IpAddr::V4(*vip.ip()), vip.port(), proto);
-        let meta = VipMeta {
-            vip_id: VIP_ID,
-            flags: 0,
-            ring_offset,
-            ring_size,
-        };
-        let mut vips: HashMap<_, VipKey, VipMeta> =
-            HashMap::try_from(self.ebpf.map_mut(maps::VIPS).expect("LB_VIPS")).expect("hash");
-        vips.insert(key, meta, 0).expect("insert VIP");
-        let mut addrs: HashMap<_, VipKey, u32> =
-            HashMap::try_from(self.ebpf.map_mut(maps::VIP_ADDRS).expect("LB_VIP_ADDRS"))
-                .expect("hash");
-        addrs
-            .insert(key.address_only(), 1, 0)
-            .expect("insert VIP address");
-    }
-
-    fn set_backend(&mut self, index: u32, slot: BackendSlot) {
-        let mut backends: Array<_, BackendSlot> =
-            Array::try_from(self.ebpf.map_mut(maps::BACKENDS).expect("LB_BACKENDS"))
-                .expect("array");
-        backends.set(index, slot, 0).expect("set backend");
-    }
-
-    fn backend(&self, index: u32) -> BackendSlot {
-        let backends: Array<_, BackendSlot> =
-            Array::try_from(self.ebpf.map(maps::BACKENDS).expect("LB_BACKENDS")).expect("array");
-        backends.get(&index, 0).expect("get backend")
-    }
-
-    fn set_ring(&mut self, offset: u32, entries: &[u32]) {
-        let mut rings: Array<_, u32> =
-            Array::try_from(self.ebpf.map_mut(maps::RINGS).expect("LB_RINGS")).expect("array");
-        for (i, entry) in entries.iter().enumerate() {
-            rings
-                .set(offset + i as u32, entry, 0)
-                .expect("set ring entry");
-        }
-        self.ring = entries.to_vec();
-    }
-
-    fn set_tx_port(&mut self, key: u32, ifindex: u32) {
-        let mut ports: DevMapHash<_> =
-            DevMapHash::try_from(self.ebpf.map_mut(maps::TX_PORTS).expect("LB_TX_PORTS"))
-                .expect("devmap hash");
-        ports.insert(key, ifindex, None, 0).expect("insert tx port");
-    }
-
-    fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
-        let flows: HashMap<_, FlowKey, FlowValue> =
-            HashMap::try_from(self.ebpf.map(maps::FLOWS).expect("LB_FLOWS")).expect("lru hash");
-        flows.get(key, 0).ok()
-    }
-
-    fn set_flow(&mut self, key: &FlowKey, value: FlowValue) {
-        let mut flows: HashMap<_, FlowKey, FlowValue> =
-            HashMap::try_from(self.ebpf.map_mut(maps::FLOWS).expect("LB_FLOWS")).expect("lru hash");
-        flows.insert(key, value, 0).expect("set flow entry");
-    }
-
-    /// The backend slot the ring gives a new flow.
-    fn predicted_slot(&self, key: &FlowKey) -> u32 {
-        self.ring[(flow_hash(key) % self.ring.len() as u32) as usize]
-    }
-
-    /// `LB_GLOBAL_STATS`, summed over CPUs.
-    fn counters(&self) -> Vec<u64> {
-        let stats: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map(maps::GLOBAL_STATS).expect("LB_GLOBAL_STATS"))
-                .expect("per-cpu array");
-        (0..COUNTER_COUNT)
-            .map(|i| stats.get(&i, 0).expect("counter").iter().sum())
-            .collect()
-    }
-
-    fn traffic(&self, map: &str, index: u32) -> TrafficCounters {
-        let stats: PerCpuArray<_, TrafficCounters> =
-            PerCpuArray::try_from(self.ebpf.map(map).expect("stats map")).expect("per-cpu array");
-        stats.get(&index, 0).expect("traffic counters").iter().fold(
-            TrafficCounters::default(),
-            |sum, c| TrafficCounters {
-                packets: sum.packets + c.packets,
-                bytes: sum.bytes + c.bytes,
-                new_flows: sum.new_flows + c.new_flows,
-            },
-        )
-    }
-
-    fn run(&self, frame: &[u8]) -> Run {
-        let prog: &Xdp = self
-            .ebpf
-            .program(maps::PROG_LB)
-            .expect("lb_xdp")
-            .try_into()
-            .expect("xdp");
-        test_run(prog, frame)
-    }
-
-    /// Runs `frame` and returns the global counters that changed, as (index, increase).
-    fn run_counting(&self, frame: &[u8]) -> (Run, Vec<(u32, u64)>) {
-        let before = self.counters();
-        let run = self.run(frame);
-        let after = self.counters();
-        let changed = (0..COUNTER_COUNT)
-            .zip(before.iter().zip(&after))
-            .filter(|(_, (b, a))| a != b)
-            .map(|(i, (b, a))| (i, a - b))
-            .collect();
-        (run, changed)
-    }
+    lb.set_backend(OTHER_SLOT, backend(OTHER_SLOT, TEST_RUN_IFINDEX));
+    let ring: Vec<u32> = (0..RING_SIZE)
+        .map(|i| SLOTS[i as usize % SLOTS.len()])
+        .collect();
+    lb.set_ring(RING_OFFSET, &ring);
+    lb
 }
 
 fn counted(items: &[Counter]) -> Vec<(u32, u64)> {
@@ -320,51 +71,12 @@ fn dropped(reason: DropReason) -> Vec<(u32, u64)> {
     vec![(Counter::Drop as u32, 1), (reason.counter_index(), 1)]
 }
 
-/// Checks an encapsulated frame against its input: Ethernet from the slot, a correct outer
-/// IPv4 header toward the slot's address from the entropy prefix, the inner packet unchanged.
-fn check_encapsulated(input: &[u8], output: &[u8], slot: &BackendSlot, key: &FlowKey) {
-    assert_eq!(
-        output.len(),
-        input.len() + IPV4_HLEN,
-        "frame grows by one IPv4 header"
-    );
-    let eth = packet::parse_ethernet(output).expect("output Ethernet");
-    assert_eq!(eth.dst, slot.dst_mac, "next-hop MAC from the slot");
-    assert_eq!(eth.src, slot.src_mac, "egress MAC from the slot");
-    assert_eq!(eth.ethertype, ETH_P_IP);
-
-    let inner_in = packet::parse_ipv4(&input[ETH_HLEN..]).expect("input IPv4");
-    let outer = packet::parse_ipv4(eth.payload).expect("outer IPv4");
-    assert_eq!(outer.version, 4);
-    assert_eq!(outer.header_len, IPV4_HLEN);
-    assert!(outer.checksum_ok, "outer header checksum");
-    assert_eq!(outer.proto, IPPROTO_IPIP);
-    assert_eq!(outer.ttl, 64);
-    assert_eq!(outer.frag, IP_DF, "DF set, not a fragment");
-    assert_eq!(outer.id, 0);
-    assert_eq!(outer.tos, inner_in.tos, "TOS copied from the inner header");
-    assert_eq!(outer.total_len, inner_in.total_len + IPV4_HLEN as u16);
-    let backend_ip = Ipv4Addr::from(slot.addr[0].to_ne_bytes());
-    assert_eq!(outer.dst, backend_ip, "outer destination is the backend");
-    let entropy = flow_hash(key) & wire(ENCAP_MASK);
-    let expected_src = Ipv4Addr::from((wire(ENCAP_SRC) | entropy).to_ne_bytes());
-    assert_eq!(
-        outer.src, expected_src,
-        "outer source: prefix | (flow hash & mask)"
-    );
-    assert_eq!(
-        &output[ETH_HLEN + IPV4_HLEN..],
-        &input[ETH_HLEN..],
-        "inner packet byte-identical"
-    );
-}
-
 #[test]
 fn syn_to_vip_goes_to_the_predicted_backend() {
     if !is_root() {
         return;
     }
-    let lb = Lb::standard();
+    let lb = standard();
     // Several flows, so more than one ring position (and backend) is exercised.
     for port in 40_000..40_008 {
         let src = client(port);
@@ -390,7 +102,7 @@ fn udp_to_udp_vip_is_encapsulated() {
     if !is_root() {
         return;
     }
-    let mut lb = Lb::standard();
+    let mut lb = standard();
     let dns = SocketAddrV4::new(VIP, 53);
     lb.add_vip(dns, PROTO_UDP, RING_OFFSET, RING_SIZE);
     let src = client(5353);
@@ -424,7 +136,7 @@ fn ethernet_padding_is_carried_but_not_counted_in_lengths() {
     if !is_root() {
         return;
     }
-    let lb = Lb::standard();
+    let lb = standard();
     let src = client(41_000);
     let mut frame = packet::tcp_frame(src, vip_addr(), TCP_SYN, b"");
     frame.resize(60, 0); // minimum Ethernet frame: 6 bytes of padding after the IP packet
@@ -445,7 +157,7 @@ fn established_flow_keeps_its_backend_when_the_ring_changes() {
     if !is_root() {
         return;
     }
-    let mut lb = Lb::standard();
+    let mut lb = standard();
     let src = client(42_000);
     let key = flow_key(src, vip_addr(), PROTO_TCP);
     let first = lb.predicted_slot(&key);
@@ -500,7 +212,7 @@ fn pinned_flow_rehashes_only_when_its_slot_lets_go() {
     ];
     for case in cases {
         // Setup: a flow pinned to its slot, then the slot changes and the ring moves away.
-        let mut lb = Lb::standard();
+        let mut lb = standard();
         let src = client(43_000);
         let key = flow_key(src, vip_addr(), PROTO_TCP);
         let pinned = lb.predicted_slot(&key);
@@ -591,7 +303,7 @@ fn fin_or_rst_marks_the_flow_closed_and_keeps_its_backend() {
         return;
     }
     for (name, flags) in [("FIN", TCP_FIN | TCP_ACK), ("RST", TCP_RST)] {
-        let mut lb = Lb::standard();
+        let mut lb = standard();
         let src = client(43_500);
         let (key, pinned) = pinned_flow_with_old_entry(&mut lb, src);
 
@@ -615,7 +327,7 @@ fn syn_on_a_closed_entry_opens_it_again() {
     if !is_root() {
         return;
     }
-    let mut lb = Lb::standard();
+    let mut lb = standard();
     let src = client(43_600);
     let (key, pinned) = pinned_flow_with_old_entry(&mut lb, src);
     let fin = packet::tcp_frame(src, vip_addr(), TCP_FIN | TCP_ACK, b"");
@@ -645,7 +357,7 @@ fn other_egress_interface_redirects_through_the_devmap() {
     if !is_root() {
         return;
     }
-    let mut lb = Lb::standard();
+    let mut lb = standard();
     lb.set_tx_port(ROUTED, TEST_RUN_IFINDEX);
 
     for slot in SLOTS {
@@ -684,7 +396,7 @@ fn traffic_not_for_a_vip_passes_untouched() {
     if !is_root() {
         return;
     }
-    let lb = Lb::standard();
+    let lb = standard();
     let src = client(45_000);
     let mut short = packet::tcp_frame(src, vip_addr(), TCP_SYN, b"");
     short.truncate(ETH_HLEN + 16); // not even a whole IPv4 header: cannot tell where it goes
@@ -855,7 +567,7 @@ fn malformed_packets_to_a_vip_are_dropped_and_others_passed() {
     if !is_root() {
         return;
     }
-    let lb = Lb::standard();
+    let lb = standard();
     for (name, build, reason) in malformed_cases() {
         let frame = build(VIP);
         let (run, counters) = lb.run_counting(&frame);
@@ -950,7 +662,7 @@ fn vip_and_backend_counters_count_packets_bytes_and_new_flows() {
     if !is_root() {
         return;
     }
-    let lb = Lb::standard();
+    let lb = standard();
     let src = client(48_000);
     let frames = [
         packet::tcp_frame(src, vip_addr(), TCP_SYN, b""),
@@ -996,13 +708,7 @@ impl Decap {
             .load(lb_userspace::decap_object())
             .unwrap_or_else(|e| panic!("loading the lb-decap object: {e}"));
         for name in [maps::PROG_DECAP, maps::PROG_PASS] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("{name} in the object"))
-                .try_into()
-                .expect("xdp");
-            prog.load()
-                .unwrap_or_else(|e| panic!("{}", load_error(name, &e)));
+            bpf::load_program(&mut ebpf, name);
         }
         let mut decap_vips: HashMap<_, VipKey, u32> =
             HashMap::try_from(ebpf.map_mut(maps::DECAP_VIPS).expect("LB_DECAP_VIPS"))
@@ -1021,7 +727,7 @@ impl Decap {
             .expect("program")
             .try_into()
             .expect("xdp");
-        test_run(prog, frame)
+        bpf::test_run(prog, frame)
     }
 }
 
@@ -1100,7 +806,7 @@ fn balancer_output_decapsulates_to_the_client_packet() {
     if !is_root() {
         return;
     }
-    let lb = Lb::standard();
+    let lb = standard();
     let decap = Decap::load(&[VIP]);
     let frame = packet::tcp_frame(client(49_002), vip_addr(), TCP_ACK, b"payload");
 
@@ -1134,7 +840,7 @@ fn per_packet_cost() {
     if !is_root() {
         return;
     }
-    let lb = Lb::standard();
+    let lb = standard();
     let decap = Decap::load(&[VIP]);
     let src = client(50_000);
     let syn = packet::tcp_frame(src, vip_addr(), TCP_SYN, b"");

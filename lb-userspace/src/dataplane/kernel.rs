@@ -21,9 +21,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, IterableMap as _, Map, MapData, MapError},
     programs::{
-        Xdp, XdpMode,
+        ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        xdp::XdpLink,
     },
     sys::SyscallError,
 };
@@ -295,23 +294,35 @@ enum LinkAdoption {
     Failed(String),
 }
 
+/// Swaps `program` into the XDP link pinned at `pin` (`BPF_LINK_UPDATE`).
 fn adopt_link(program: &mut Xdp, pin: &Path) -> Result<(), LinkAdoption> {
+    adopt_pinned_link(program, pin, Xdp::attach_to_link, Xdp::take_link)
+}
+
+/// Swaps `program` into the link pinned at `pin` with the program type's own `attach` and
+/// `take` (aya has no trait for them). A pin that is not an `L` link is stale.
+fn adopt_pinned_link<P, L, Id>(
+    program: &mut P,
+    pin: &Path,
+    attach: fn(&mut P, L) -> Result<Id, ProgramError>,
+    take: fn(&mut P, Id) -> Result<L, ProgramError>,
+) -> Result<(), LinkAdoption>
+where
+    L: TryFrom<FdLink>,
+    L::Error: std::fmt::Display,
+{
     let stale = |e: &dyn std::fmt::Display| LinkAdoption::Stale(e.to_string());
     let pinned = PinnedLink::from_pin(pin).map_err(|e| stale(&e))?;
-    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| stale(&e))?;
-    let id = program
-        .attach_to_link(link)
-        .map_err(|e| link_update_error(&e))?;
+    let link = L::try_from(FdLink::from(pinned)).map_err(|e| stale(&e))?;
+    let id = attach(program, link).map_err(|e| link_update_error(&e))?;
     // The pin keeps the link alive; drop our handle so the program's lifetime does not matter.
-    let link = program
-        .take_link(id)
-        .map_err(|e| LinkAdoption::Failed(e.to_string()))?;
+    let link = take(program, id).map_err(|e| LinkAdoption::Failed(e.to_string()))?;
     drop(link);
     Ok(())
 }
 
 /// Classifies a failed `BPF_LINK_UPDATE` on a pinned link.
-fn link_update_error(e: &aya::programs::ProgramError) -> LinkAdoption {
+fn link_update_error(e: &ProgramError) -> LinkAdoption {
     // ENOLINK (os error 67): the link was detached because its interface went away.
     let message = format!(
         "{e}: {}",
@@ -371,7 +382,7 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataPlaneError> {
         .map_err(|e| program_error(maps::PROG_LB, e))
 }
 
-fn program_error(name: &'static str, e: aya::programs::ProgramError) -> DataPlaneError {
+fn program_error(name: &'static str, e: ProgramError) -> DataPlaneError {
     DataPlaneError::Program {
         name,
         source: Box::new(e),

@@ -15,13 +15,13 @@ use aya::{
     Ebpf,
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
+        links::FdLink,
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
 use lb_common::maps;
 
-use super::{Attached, LinkAdoption, link_update_error, program_error};
+use super::{Attached, LinkAdoption, adopt_pinned_link, program_error};
 use crate::dataplane::DataPlaneError;
 
 /// Folder of the pinned tcx links, one per interface, under the pin folder.
@@ -108,19 +108,13 @@ pub(super) fn loaded_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, Da
 
 /// Swaps `program` into the tcx link pinned at `pin` (`BPF_LINK_UPDATE`).
 pub(super) fn adopt_link(program: &mut SchedClassifier, pin: &Path) -> Result<(), LinkAdoption> {
-    let stale = |e: &dyn std::fmt::Display| LinkAdoption::Stale(e.to_string());
-    let pinned = PinnedLink::from_pin(pin).map_err(|e| stale(&e))?;
     // Refuses a pin that is not a tcx link.
-    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| stale(&e))?;
-    let id = program
-        .attach_to_link(link)
-        .map_err(|e| link_update_error(&e))?;
-    // The pin keeps the link alive; our handle can go.
-    let link = program
-        .take_link(id)
-        .map_err(|e| LinkAdoption::Failed(e.to_string()))?;
-    drop(link);
-    Ok(())
+    adopt_pinned_link::<_, SchedClassifierLink, _>(
+        program,
+        pin,
+        SchedClassifier::attach_to_link,
+        SchedClassifier::take_link,
+    )
 }
 
 fn remove_pin(pin: &Path) -> Result<(), DataPlaneError> {

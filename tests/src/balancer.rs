@@ -1,0 +1,266 @@
+//! The balancer object as a `BPF_PROG_TEST_RUN` fixture: loaded with small tables and the
+//! outer-source config, its maps filled by hand (setup), `lb_xdp` run on frames (run), and the
+//! checks of an encapsulated frame against what lb-common's hash predicts on the host (check).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    programs::Xdp,
+};
+use lb_common::{
+    BackendSlot, FlowKey, FlowValue, GlobalConfig, TrafficCounters, VipKey, VipMeta,
+    hash::flow_hash,
+    keys::{ENCAP_IPIP, FAMILY_V4, SLOT_ACTIVE, wire_addr},
+    maps,
+    stats::COUNTER_COUNT,
+};
+
+use crate::{
+    bpf::{self, Run},
+    packet::{self, ETH_HLEN, ETH_P_IP, GATEWAY_MAC, IP_DF, IPPROTO_IPIP, IPV4_HLEN},
+};
+
+/// Small flow table and ring pool: the defaults would allocate tens of MB per test.
+pub const TEST_FLOWS: u32 = 1024;
+pub const TEST_RING_POOL: u32 = 4096;
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+pub const VIP_PORT: u16 = 80;
+pub const VIP_ID: u32 = 7;
+pub const ENCAP_SRC: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 0);
+/// Entropy bits of the outer source: the low 16 bits (a /16 of source addresses).
+pub const ENCAP_MASK: Ipv4Addr = Ipv4Addr::new(0, 0, 255, 255);
+
+/// `addr` as the data plane stores it.
+pub fn wire(addr: Ipv4Addr) -> u32 {
+    wire_addr(IpAddr::V4(addr)).0[0]
+}
+
+pub fn vip_addr() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, VIP_PORT)
+}
+
+/// The flow key the data plane builds for a frame from `src` to `dst`.
+pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
+    FlowKey {
+        src: wire_addr(IpAddr::V4(*src.ip())).0,
+        dst: wire_addr(IpAddr::V4(*dst.ip())).0,
+        sport: src.port().to_be(),
+        dport: dst.port().to_be(),
+        proto,
+        family: FAMILY_V4,
+        pad: [0; 2],
+    }
+}
+
+/// Active backend slot `index` at 192.168.1.`index`, reached through `ifindex`.
+pub fn backend(index: u32, ifindex: u32) -> BackendSlot {
+    let n = index as u8;
+    BackendSlot {
+        addr: wire_addr(IpAddr::V4(Ipv4Addr::new(192, 168, 1, n))).0,
+        family: FAMILY_V4,
+        state: SLOT_ACTIVE,
+        encap: ENCAP_IPIP,
+        generation: 1,
+        vip_id: VIP_ID,
+        ifindex,
+        dst_mac: [0x02, 0xbe, 0, 0, 0, n],
+        src_mac: GATEWAY_MAC,
+        ..BackendSlot::default()
+    }
+}
+
+/// Checks an encapsulated frame against its input: Ethernet from the slot, a correct outer
+/// IPv4 header toward the slot's address from the entropy prefix, the inner packet unchanged.
+pub fn check_encapsulated(input: &[u8], output: &[u8], slot: &BackendSlot, key: &FlowKey) {
+    assert_eq!(
+        output.len(),
+        input.len() + IPV4_HLEN,
+        "frame grows by one IPv4 header"
+    );
+    let eth = packet::parse_ethernet(output).expect("output Ethernet");
+    assert_eq!(eth.dst, slot.dst_mac, "next-hop MAC from the slot");
+    assert_eq!(eth.src, slot.src_mac, "egress MAC from the slot");
+    assert_eq!(eth.ethertype, ETH_P_IP);
+
+    let inner_in = packet::parse_ipv4(&input[ETH_HLEN..]).expect("input IPv4");
+    let outer = packet::parse_ipv4(eth.payload).expect("outer IPv4");
+    assert_eq!(outer.version, 4);
+    assert_eq!(outer.header_len, IPV4_HLEN);
+    assert!(outer.checksum_ok, "outer header checksum");
+    assert_eq!(outer.proto, IPPROTO_IPIP);
+    assert_eq!(outer.ttl, 64);
+    assert_eq!(outer.frag, IP_DF, "DF set, not a fragment");
+    assert_eq!(outer.id, 0);
+    assert_eq!(outer.tos, inner_in.tos, "TOS copied from the inner header");
+    assert_eq!(outer.total_len, inner_in.total_len + IPV4_HLEN as u16);
+    let backend_ip = Ipv4Addr::from(slot.addr[0].to_ne_bytes());
+    assert_eq!(outer.dst, backend_ip, "outer destination is the backend");
+    let entropy = flow_hash(key) & wire(ENCAP_MASK);
+    let expected_src = Ipv4Addr::from((wire(ENCAP_SRC) | entropy).to_ne_bytes());
+    assert_eq!(
+        outer.src, expected_src,
+        "outer source: prefix | (flow hash & mask)"
+    );
+    assert_eq!(
+        &output[ETH_HLEN + IPV4_HLEN..],
+        &input[ETH_HLEN..],
+        "inner packet byte-identical"
+    );
+}
+
+/// The balancer object with its maps, filled by the test.
+pub struct Lb {
+    pub ebpf: Ebpf,
+    /// What the test wrote to the VIP's ring, to predict backends.
+    pub ring: Vec<u32>,
+}
+
+impl Lb {
+    /// Loads the balancer object with empty maps and the outer-source config, and `lb_xdp`.
+    pub fn empty() -> Self {
+        Self::with_programs(&[maps::PROG_LB])
+    }
+
+    /// Loads the balancer object with empty maps and the outer-source config, and `programs`
+    /// (all on the same maps).
+    pub fn with_programs(programs: &[&str]) -> Self {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::FLOWS, TEST_FLOWS)
+            .map_max_entries(maps::RINGS, TEST_RING_POOL)
+            .load(lb_userspace::lb_object())
+            .unwrap_or_else(|e| panic!("loading the bpf-balancer object: {e}"));
+        for name in programs {
+            bpf::load_program(&mut ebpf, name);
+        }
+        let mut config: Array<_, GlobalConfig> =
+            Array::try_from(ebpf.map_mut(maps::CONFIG).expect("LB_CONFIG")).expect("array");
+        let cfg = GlobalConfig {
+            encap_src_v4: wire(ENCAP_SRC),
+            encap_src_v4_mask: wire(ENCAP_MASK),
+            ..GlobalConfig::default()
+        };
+        config.set(0, cfg, 0).expect("set LB_CONFIG");
+        Self {
+            ebpf,
+            ring: Vec::new(),
+        }
+    }
+
+    pub fn add_vip(&mut self, vip: SocketAddrV4, proto: u8, ring_offset: u32, ring_size: u32) {
+        let key = VipKey::new(IpAddr::V4(*vip.ip()), vip.port(), proto);
+        let meta = VipMeta {
+            vip_id: VIP_ID,
+            flags: 0,
+            ring_offset,
+            ring_size,
+        };
+        let mut vips: HashMap<_, VipKey, VipMeta> =
+            HashMap::try_from(self.ebpf.map_mut(maps::VIPS).expect("LB_VIPS")).expect("hash");
+        vips.insert(key, meta, 0).expect("insert VIP");
+        let mut addrs: HashMap<_, VipKey, u32> =
+            HashMap::try_from(self.ebpf.map_mut(maps::VIP_ADDRS).expect("LB_VIP_ADDRS"))
+                .expect("hash");
+        addrs
+            .insert(key.address_only(), 1, 0)
+            .expect("insert VIP address");
+    }
+
+    pub fn set_backend(&mut self, index: u32, slot: BackendSlot) {
+        let mut backends: Array<_, BackendSlot> =
+            Array::try_from(self.ebpf.map_mut(maps::BACKENDS).expect("LB_BACKENDS"))
+                .expect("array");
+        backends.set(index, slot, 0).expect("set backend");
+    }
+
+    pub fn backend(&self, index: u32) -> BackendSlot {
+        let backends: Array<_, BackendSlot> =
+            Array::try_from(self.ebpf.map(maps::BACKENDS).expect("LB_BACKENDS")).expect("array");
+        backends.get(&index, 0).expect("get backend")
+    }
+
+    pub fn set_ring(&mut self, offset: u32, entries: &[u32]) {
+        let mut rings: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(maps::RINGS).expect("LB_RINGS")).expect("array");
+        for (i, entry) in entries.iter().enumerate() {
+            rings
+                .set(offset + i as u32, entry, 0)
+                .expect("set ring entry");
+        }
+        self.ring = entries.to_vec();
+    }
+
+    pub fn set_tx_port(&mut self, key: u32, ifindex: u32) {
+        let mut ports: DevMapHash<_> =
+            DevMapHash::try_from(self.ebpf.map_mut(maps::TX_PORTS).expect("LB_TX_PORTS"))
+                .expect("devmap hash");
+        ports.insert(key, ifindex, None, 0).expect("insert tx port");
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
+        let flows: HashMap<_, FlowKey, FlowValue> =
+            HashMap::try_from(self.ebpf.map(maps::FLOWS).expect("LB_FLOWS")).expect("lru hash");
+        flows.get(key, 0).ok()
+    }
+
+    pub fn set_flow(&mut self, key: &FlowKey, value: FlowValue) {
+        let mut flows: HashMap<_, FlowKey, FlowValue> =
+            HashMap::try_from(self.ebpf.map_mut(maps::FLOWS).expect("LB_FLOWS")).expect("lru hash");
+        flows.insert(key, value, 0).expect("set flow entry");
+    }
+
+    /// The backend slot the ring gives a new flow.
+    pub fn predicted_slot(&self, key: &FlowKey) -> u32 {
+        self.ring[(flow_hash(key) % self.ring.len() as u32) as usize]
+    }
+
+    /// `LB_GLOBAL_STATS`, summed over CPUs.
+    pub fn counters(&self) -> Vec<u64> {
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(maps::GLOBAL_STATS).expect("LB_GLOBAL_STATS"))
+                .expect("per-cpu array");
+        (0..COUNTER_COUNT)
+            .map(|i| stats.get(&i, 0).expect("counter").iter().sum())
+            .collect()
+    }
+
+    /// Traffic counters `index` of stats map `map`, summed over CPUs.
+    pub fn traffic(&self, map: &str, index: u32) -> TrafficCounters {
+        let stats: PerCpuArray<_, TrafficCounters> =
+            PerCpuArray::try_from(self.ebpf.map(map).expect("stats map")).expect("per-cpu array");
+        stats.get(&index, 0).expect("traffic counters").iter().fold(
+            TrafficCounters::default(),
+            |sum, c| TrafficCounters {
+                packets: sum.packets + c.packets,
+                bytes: sum.bytes + c.bytes,
+                new_flows: sum.new_flows + c.new_flows,
+            },
+        )
+    }
+
+    /// Runs `frame` through `lb_xdp`.
+    pub fn run(&self, frame: &[u8]) -> Run {
+        let prog: &Xdp = self
+            .ebpf
+            .program(maps::PROG_LB)
+            .expect("lb_xdp")
+            .try_into()
+            .expect("xdp");
+        bpf::test_run(prog, frame)
+    }
+
+    /// Runs `frame` and returns the global counters that changed, as (index, increase).
+    pub fn run_counting(&self, frame: &[u8]) -> (Run, Vec<(u32, u64)>) {
+        let before = self.counters();
+        let run = self.run(frame);
+        let after = self.counters();
+        let changed = (0..COUNTER_COUNT)
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| a != b)
+            .map(|(i, (b, a))| (i, a - b))
+            .collect();
+        (run, changed)
+    }
+}
