@@ -6,6 +6,7 @@
 //! reused, like an old table region, only after a quarantine.
 
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     time::{Duration, Instant},
@@ -225,6 +226,9 @@ pub struct Reconciler {
     rings: RingPool,
     tx_ports: BTreeSet<u32>,
     quarantine: Duration,
+    /// Tables `check` built and `apply` has not installed yet, by VIP: lbd checks a change and
+    /// then applies it, and the second `prepare` reuses the first one's table.
+    built: RefCell<BTreeMap<VipKey, (TableInputs, Vec<u32>)>>,
 }
 
 /// How long a freed slot or table region stays unused. XDP programs run to completion in
@@ -293,6 +297,7 @@ impl Reconciler {
             rings,
             tx_ports: BTreeSet::new(),
             quarantine,
+            built: RefCell::default(),
         })
     }
 
@@ -362,6 +367,8 @@ impl Reconciler {
         let wanted: BTreeSet<VipKey> = plans.iter().map(|p| p.key).collect();
         let gone = keys_not_in(&self.vips, &wanted);
         let prepared = self.prepare(plans, &gone, now)?;
+        // The prepared VIPs hold their tables now; the memo only bridges a check and this.
+        self.built.get_mut().clear();
 
         // Removed VIPs first: their map entries and ids make room for new ones.
         for key in &gone {
@@ -484,7 +491,7 @@ impl Reconciler {
             let inputs = table_inputs(plan, &slots);
             let table = match installed {
                 Some(v) if v.inputs.as_ref() == Some(&inputs) => v.table.clone(),
-                _ => build_table(&inputs),
+                _ => self.built_table(plan.key, &inputs),
             };
             let swap = installed.is_none_or(|v| {
                 v.region.is_none()
@@ -509,6 +516,19 @@ impl Reconciler {
             });
         }
         Ok(prepared)
+    }
+
+    /// The table for `inputs`, built once for a `check` and the `apply` that follows it.
+    fn built_table(&self, key: VipKey, inputs: &TableInputs) -> Vec<u32> {
+        let mut built = self.built.borrow_mut();
+        if let Some((memo, table)) = built.get(&key)
+            && memo == inputs
+        {
+            return table.clone();
+        }
+        let table = build_table(inputs);
+        built.insert(key, (inputs.clone(), table.clone()));
+        table
     }
 
     /// Every egress interface in the plans is a redirect target. Re-checked on every apply, so
