@@ -252,6 +252,33 @@ impl<'a> Lbd<'a> {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Fails, listing them, when lbd logged an ERROR line that `expected` does not allow.
+    pub fn expect_no_errors(&self, expected: impl Fn(&str) -> bool) -> Result<()> {
+        let log = self.log();
+        let errors: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" ERROR ") && !expected(l))
+            .collect();
+        anyhow::ensure!(
+            errors.is_empty(),
+            "lbd logged {} errors:\n{}",
+            errors.len(),
+            errors.join("\n")
+        );
+        Ok(())
+    }
+
+    /// Panics with `result`'s error and the end of lbd's log, leaving out the lines `noise`
+    /// matches (such as the status requests a test polls with).
+    pub fn finish(&self, result: Result<()>, noise: impl Fn(&str) -> bool) {
+        if let Err(e) = result {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().filter(|l| !noise(l)).collect();
+            let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+            panic!("{e:#}\n--- end of lbd log:\n{tail}");
+        }
+    }
+
     /// The running lbd's pid.
     pub fn pid(&self) -> Option<u32> {
         self.pid

@@ -213,6 +213,22 @@ impl Netns {
         })
     }
 
+    /// The `EstabResets` counter of the namespace's `/proc/net/snmp`: resets of established
+    /// connections, sent or received.
+    pub fn estab_resets(&self) -> Result<i64> {
+        let text = self.exec(["cat", "/proc/net/snmp"])?;
+        let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+            bail!("no Tcp lines in /proc/net/snmp");
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "EstabResets")
+            .and_then(|(_, v)| v.parse().ok())
+            .context("no EstabResets counter")
+    }
+
     /// Reads a `net.*` sysctl inside the namespace.
     pub fn sysctl(&self, key: &str) -> Result<String> {
         self.run(|| {

@@ -8,8 +8,8 @@ use anyhow::{Context as _, Result, ensure};
 use lb_tests::{chatter::Chatter, lb::Lbd};
 
 use super::{
-    Bed, PORT, Watch, backend_status, estab_resets, expect_no_errors, finish, is_down, is_up, last,
-    secs, vip_toml, wait_first_checks,
+    Bed, PORT, Watch, backend_status, is_down, is_status_poll, is_up, last, secs, vip_toml,
+    wait_first_checks,
 };
 
 const INTERVAL: Duration = Duration::from_secs(1);
@@ -29,7 +29,7 @@ fn down_and_back() {
     );
     let config = vip_toml(&bed, PORT, &[0, 1, 2], Some(&check));
     let lbd = bed.start_lbd(&config).expect("lbd");
-    finish(body(&bed, &lbd), &lbd);
+    lbd.finish(body(&bed, &lbd), is_status_poll);
 }
 
 fn body(bed: &Bed, lbd: &Lbd) -> Result<()> {
@@ -63,7 +63,7 @@ fn body(bed: &Bed, lbd: &Lbd) -> Result<()> {
         seen.len() == 3,
         "before the stop new connections reached only {seen:?}"
     );
-    let resets_before = estab_resets(bed.client())?;
+    let resets_before = bed.client().estab_resets()?;
 
     stopped_goes_down(bed, lbd, &mut watch)?;
     ensure!(
@@ -80,7 +80,7 @@ fn body(bed: &Bed, lbd: &Lbd) -> Result<()> {
         report.conns.iter().all(|c| c.closed_cleanly),
         "not every connection closed cleanly"
     );
-    let resets = estab_resets(bed.client())? - resets_before;
+    let resets = bed.client().estab_resets()? - resets_before;
     ensure!(
         resets == 0,
         "{resets} established connections were reset on the client"
@@ -89,7 +89,7 @@ fn body(bed: &Bed, lbd: &Lbd) -> Result<()> {
         lbd.log().contains("backend fails its health checks: down"),
         "lbd did not log the transition down"
     );
-    expect_no_errors(lbd, |_| false)
+    lbd.expect_no_errors(|_| false)
 }
 
 /// Stops the victim's server: down in time, with the reason, out of the table and of new

@@ -21,8 +21,7 @@ use lb_tests::{
 use lb_userspace::{api::proto::Status, model::VipId};
 
 use super::{
-    Bed, PORT, Watch, estab_resets, expect_no_errors, finish, names, secs, vip_status, vip_toml,
-    wait_first_checks,
+    Bed, PORT, Watch, is_status_poll, names, secs, vip_status, vip_toml, wait_first_checks,
 };
 
 /// VIP B's port (VIP A is on [`PORT`]).
@@ -50,7 +49,7 @@ fn flapping() {
     let config =
         vip_toml(&bed, PORT, &all, Some(check)) + &vip_toml(&bed, PORT_B, &all, Some(check));
     let lbd = bed.start_lbd(&config).expect("lbd");
-    finish(body(&bed, &lbd), &lbd);
+    lbd.finish(body(&bed, &lbd), is_status_poll);
 }
 
 /// Whether backend `i`'s server on `port` runs `t` into the flapping.
@@ -139,7 +138,7 @@ fn body(bed: &Bed, lbd: &Lbd) -> Result<()> {
         "a connection reached drained {}",
         bed.name(0)
     );
-    let resets_before = estab_resets(bed.client())?;
+    let resets_before = bed.client().estab_resets()?;
     let transitions_before = logged_transitions(lbd);
 
     let stop = AtomicBool::new(false);
@@ -212,9 +211,9 @@ fn body(bed: &Bed, lbd: &Lbd) -> Result<()> {
     let report = chatter.stop();
     eprintln!("flapping: {}", report.summary());
     report.check(Duration::from_secs(1))?;
-    let resets = estab_resets(bed.client())? - resets_before;
+    let resets = bed.client().estab_resets()? - resets_before;
     ensure!(resets == 0, "{resets} established connections were reset");
-    expect_no_errors(lbd, |l| l.contains("every backend fails its health checks"))
+    lbd.expect_no_errors(|l| l.contains("every backend fails its health checks"))
 }
 
 /// Health transitions lbd has logged so far.

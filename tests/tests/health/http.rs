@@ -9,7 +9,7 @@ use lb_tests::{lb::Lbd, lbctl::Lbctl};
 use lb_userspace::api::proto::{BackendStatus, Status};
 
 use super::{
-    Bed, PORT, Watch, backend_status, expect_no_errors, finish, is_down, is_up, last, names, secs,
+    Bed, PORT, Watch, backend_status, is_down, is_status_poll, is_up, last, names, secs,
     vip_status, vip_toml, wait_first_checks,
 };
 
@@ -31,7 +31,7 @@ fn http_status_and_hang() {
     // Started without checks: lbctl sets them.
     let config = vip_toml(&bed, PORT, &[0, 1], None);
     let lbd = bed.start_lbd(&config).expect("lbd");
-    finish(body(&bed, &lbd), &lbd);
+    lbd.finish(body(&bed, &lbd), is_status_poll);
 }
 
 fn body(bed: &Bed, lbd: &Lbd) -> Result<()> {
@@ -67,7 +67,7 @@ fn body(bed: &Bed, lbd: &Lbd) -> Result<()> {
         watch.samples,
         watch.slowest.as_millis()
     );
-    expect_no_errors(lbd, |l| l.contains("every backend fails its health checks"))
+    lbd.expect_no_errors(|l| l.contains("every backend fails its health checks"))
 }
 
 /// Backend 0's status, tested with `f`.

@@ -297,50 +297,9 @@ fn wait_first_checks(watch: &mut Watch, vip: &VipId, give_up: Duration) -> Resul
     Ok(took)
 }
 
-/// Panics with the error and the end of lbd's log.
-fn finish(result: Result<()>, lbd: &Lbd) {
-    if let Err(e) = result {
-        let log = lbd.log();
-        // Without the status requests the test polls with, which would fill the tail.
-        let lines: Vec<&str> = log
-            .lines()
-            .filter(|l| !(l.contains(" DEBUG api{") && l.contains("/v1/status")))
-            .collect();
-        let tail = lines[lines.len().saturating_sub(80)..].join("\n");
-        panic!("{e:#}\n--- end of lbd log:\n{tail}");
-    }
-}
-
-/// lbd must have logged no ERROR but the ones `expected` allows.
-fn expect_no_errors(lbd: &Lbd, expected: impl Fn(&str) -> bool) -> Result<()> {
-    let log = lbd.log();
-    let errors: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains(" ERROR ") && !expected(l))
-        .collect();
-    ensure!(
-        errors.is_empty(),
-        "lbd logged {} errors:\n{}",
-        errors.len(),
-        errors.join("\n")
-    );
-    Ok(())
-}
-
-/// The `EstabResets` counter of a namespace's `/proc/net/snmp`: resets of established
-/// connections, sent or received.
-fn estab_resets(ns: &Netns) -> Result<i64> {
-    let text = ns.exec(["cat", "/proc/net/snmp"])?;
-    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
-    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
-        bail!("no Tcp lines in /proc/net/snmp");
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "EstabResets")
-        .and_then(|(_, v)| v.parse().ok())
-        .context("no EstabResets counter")
+/// Status requests, which the tests poll with: left out of a failure's log tail.
+fn is_status_poll(line: &str) -> bool {
+    line.contains(" DEBUG api{") && line.contains("/v1/status")
 }
 
 fn secs(d: Duration) -> f64 {

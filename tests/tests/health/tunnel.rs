@@ -8,7 +8,7 @@ use anyhow::{Result, ensure};
 use lb_tests::lb::Lbd;
 
 use super::{
-    Bed, PORT, Watch, backend_status, expect_no_errors, finish, is_down, is_up, last, names, secs,
+    Bed, PORT, Watch, backend_status, is_down, is_status_poll, is_up, last, names, secs,
     vip_status, vip_toml,
 };
 
@@ -40,7 +40,7 @@ fn via_tunnel() {
     let config =
         vip_toml(&bed, PORT, &[0, 1], None) + &vip_toml(&bed, PORT_DIRECT, &[0, 1], Some(direct));
     let lbd = bed.start_lbd(&config).expect("lbd");
-    finish(body(&bed, &lbd), &lbd);
+    lbd.finish(body(&bed, &lbd), is_status_poll);
 }
 
 fn body(bed: &Bed, lbd: &Lbd) -> Result<()> {
@@ -132,5 +132,5 @@ fn body(bed: &Bed, lbd: &Lbd) -> Result<()> {
         "via_tunnel: {broken_name} up {:.2} s after its check became direct",
         secs(took)
     );
-    expect_no_errors(lbd, |_| false)
+    lbd.expect_no_errors(|_| false)
 }

@@ -17,7 +17,7 @@ use lb_tests::{
 };
 use lb_userspace::api::proto::{BODY_LIMIT, ErrorReply};
 
-use super::{Bed, CHURN_RING, PORT, finish};
+use super::{Bed, CHURN_RING, PORT};
 
 #[test]
 fn bad_input() {
@@ -30,7 +30,7 @@ fn bad_input() {
     let lbd = bed
         .start_lbd(&[bed.main_vip(2, Some(CHURN_RING)), second])
         .expect("lbd");
-    finish(bad_input_body(&bed, &lbd), &lbd);
+    lbd.finish(bad_input_body(&bed, &lbd), |_| false);
 }
 
 /// Everything a refused request must leave alone.

@@ -20,8 +20,8 @@ use lb_userspace::{
 };
 
 use super::{
-    Bed, CHURN_RING, CONNECTIONS, MAX_GAP, PORT, Rng, apply, estab_resets, expect_no_errors,
-    expect_state, finish, millis, vip_status, who_many,
+    Bed, CHURN_RING, CONNECTIONS, MAX_GAP, PORT, Rng, apply, expect_no_errors, expect_state,
+    millis, vip_status, who_many,
 };
 
 /// Addresses with no host behind them: no route from the gateway, so they never resolve and
@@ -165,7 +165,7 @@ fn churn() {
     let lbd = bed
         .start_lbd(&[bed.main_vip(3, Some(CHURN_RING))])
         .expect("lbd");
-    finish(churn_body(&bed, &lbd), &lbd);
+    lbd.finish(churn_body(&bed, &lbd), |_| false);
 }
 
 fn churn_body(bed: &Bed, lbd: &Lbd) -> Result<()> {
@@ -197,7 +197,7 @@ fn churn_body(bed: &Bed, lbd: &Lbd) -> Result<()> {
         chatter::DEFAULT_INTERVAL,
     )?;
     chatter::expect_backends(&chat.snapshot(), &["backend1", "backend2", "backend3"])?;
-    let resets_before = estab_resets(bed.client())?;
+    let resets_before = bed.client().estab_resets()?;
 
     let mut rng = Rng::from_env();
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
@@ -239,7 +239,7 @@ fn churn_body(bed: &Bed, lbd: &Lbd) -> Result<()> {
     let report = chat.snapshot();
     eprintln!("churn: {}", report.summary());
     report.check(MAX_GAP)?;
-    let resets = estab_resets(bed.client())? - resets_before;
+    let resets = bed.client().estab_resets()? - resets_before;
     ensure!(
         resets == 0,
         "the client saw {resets} established connections reset"

@@ -16,7 +16,7 @@ use lb_userspace::{
     model::VipId,
 };
 
-use super::{Bed, CHURN_RING, PORT, expect_no_errors, finish, millis, vip_status, who_many};
+use super::{Bed, CHURN_RING, PORT, expect_no_errors, millis, vip_status, who_many};
 
 #[test]
 fn drain_wait() {
@@ -24,7 +24,7 @@ fn drain_wait() {
     let lbd = bed
         .start_lbd(&[bed.main_vip(3, Some(CHURN_RING))])
         .expect("lbd");
-    finish(drain_body(&bed, &lbd), &lbd);
+    lbd.finish(drain_body(&bed, &lbd), |_| false);
 }
 
 fn drain_body(bed: &Bed, lbd: &Lbd) -> Result<()> {

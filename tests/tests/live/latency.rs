@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, ensure};
 use lb_tests::lb::{Lbd, LbdOptions};
 use lb_userspace::{api::proto::ChangeRequest, change::Change};
 
-use super::{Bed, PORT, finish, percentiles};
+use super::{Bed, PORT, percentiles};
 
 /// Changes timed, alternating add and delete of one backend: 1000 adds (`LB_LATENCY_CHANGES`
 /// overrides; a change of a default-size table costs ~45 ms with a debug build of lbd).
@@ -25,7 +25,7 @@ fn reconfig_latency() {
     let lbd = bed
         .start_lbd_with(&[bed.main_vip(3, None)], options)
         .expect("lbd");
-    finish(latency_body(&bed, &lbd), &lbd);
+    lbd.finish(latency_body(&bed, &lbd), |_| false);
 }
 
 fn latency_body(bed: &Bed, lbd: &Lbd) -> Result<()> {

@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use lb_tests::{
     lb::{DataPath, Lbd, LbdOptions, VipConfig, render_config},
     lbctl::{Lbctl, Run},
@@ -141,25 +141,10 @@ impl Bed {
     }
 }
 
-/// Panics with the error and the end of lbd's log.
-fn finish(result: Result<()>, lbd: &Lbd) {
-    if let Err(e) = result {
-        let log = lbd.log();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(80)..].join("\n");
-        panic!("{e:#}\n--- end of lbd log:\n{tail}");
-    }
-}
-
 /// lbd must have logged no ERROR other than the expected ones about the test's addresses
 /// without a host (10.99.x.x); distinct WARN messages (without timestamps) are printed.
 fn expect_no_errors(lbd: &Lbd, test: &str) -> Result<()> {
     let log = lbd.log();
-    let errors: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains(" ERROR "))
-        .filter(|l| !(l.contains("next hop unresolved") && l.contains("backend=10.99.")))
-        .collect();
     let warnings: BTreeSet<&str> = log
         .lines()
         .filter(|l| l.contains(" WARN "))
@@ -168,13 +153,7 @@ fn expect_no_errors(lbd: &Lbd, test: &str) -> Result<()> {
     if !warnings.is_empty() {
         eprintln!("{test}: lbd warned: {warnings:#?}");
     }
-    ensure!(
-        errors.is_empty(),
-        "lbd logged {} errors:\n{}",
-        errors.len(),
-        errors.join("\n")
-    );
-    Ok(())
+    lbd.expect_no_errors(|l| l.contains("next hop unresolved") && l.contains("backend=10.99."))
 }
 
 /// splitmix64: a seeded, reproducible source of random choices.
@@ -331,29 +310,6 @@ fn without_flows(mut status: Status) -> Status {
         }
     }
     status
-}
-
-/// `Tcp:` counters of a namespace's `/proc/net/snmp`.
-fn tcp_counters(ns: &Netns) -> Result<BTreeMap<String, i64>> {
-    let text = ns.exec(["cat", "/proc/net/snmp"])?;
-    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
-    let (names, values) = (tcp.next(), tcp.next());
-    let (Some(names), Some(values)) = (names, values) else {
-        bail!("no Tcp lines in /proc/net/snmp");
-    };
-    Ok(names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .skip(1)
-        .filter_map(|(n, v)| Some((n.to_owned(), v.parse().ok()?)))
-        .collect())
-}
-
-fn estab_resets(ns: &Netns) -> Result<i64> {
-    tcp_counters(ns)?
-        .get("EstabResets")
-        .copied()
-        .context("no EstabResets counter")
 }
 
 /// Connects `n` times (`WHO`) and counts answers per backend name.

@@ -22,8 +22,8 @@ use lb_userspace::{
 };
 
 use super::{
-    Bed, CHURN_RING, CONNECTIONS, MAX_GAP, PORT, apply, estab_resets, expect_no_errors,
-    expect_state, finish, percentiles, vip_status, without_flows,
+    Bed, CHURN_RING, CONNECTIONS, MAX_GAP, PORT, apply, expect_no_errors, expect_state,
+    percentiles, vip_status, without_flows,
 };
 
 const CYCLES: usize = 20;
@@ -40,7 +40,7 @@ fn restarts_and_upgrades() {
         .start_lbd(&[bed.main_vip(3, Some(CHURN_RING)), second])
         .expect("lbd");
     let result = restarts_body(&bed, &mut lbd);
-    finish(result, &lbd);
+    lbd.finish(result, |_| false);
 }
 
 fn restarts_body(bed: &Bed, lbd: &mut Lbd) -> Result<()> {
@@ -53,7 +53,7 @@ fn restarts_body(bed: &Bed, lbd: &mut Lbd) -> Result<()> {
         CONNECTIONS,
         chatter::DEFAULT_INTERVAL,
     )?;
-    let resets_before = estab_resets(bed.client())?;
+    let resets_before = bed.client().estab_resets()?;
     let link = lbd.pin_dir.join("links").join("eth0");
     let mut restarts = Vec::new();
     let mut upgrades = Vec::new();
@@ -93,7 +93,7 @@ fn restarts_body(bed: &Bed, lbd: &mut Lbd) -> Result<()> {
         "restarts: {CYCLES} SIGKILL+restart to ready: median {r_med:.0} ms, max {r_max:.0} ms; \
          {CYCLES} upgrades: median {u_med:.0} ms, max {u_max:.0} ms"
     );
-    let resets = estab_resets(bed.client())? - resets_before;
+    let resets = bed.client().estab_resets()? - resets_before;
     let report = chat.stop();
     eprintln!("restarts: {}", report.summary());
     report.check(MAX_GAP)?;
