@@ -10,11 +10,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
-    time::Duration,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
 };
+
+use lb_common::{GlobalConfig, config::CFG_F_DEBUG};
 
 use futures::{StreamExt, future::join_all};
 use tokio::{
@@ -33,6 +35,7 @@ use crate::{
     },
     flows,
     health::{Checker, Probe, ProbeKind, Target, TargetId, Transition},
+    metrics::{self, Metrics, RateTracker, ReconfigResult},
     model::{DesiredState, VipSpec},
     nexthop::{NextHop, ResolveError, Resolver, watch_changes},
     reconcile::{DEFAULT_QUARANTINE, Egress, ReconcileError, Reconciler},
@@ -53,6 +56,8 @@ pub enum AgentError {
     Resolve(#[from] ResolveError),
     #[error("control socket: {0}")]
     Api(#[from] api::server::ServerError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::server::MetricsServerError),
     #[error("signal handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error("health-check thread: {0}")]
@@ -101,6 +106,8 @@ pub struct AgentOptions {
     pub load: LoadOptions,
     /// Re-resolve every backend this often even without a netlink notification.
     pub resolve_interval: Duration,
+    /// Where `/metrics` and the status page are served; `None`: nowhere.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Health probes running at once, at most: enough for thousands of backends at a 1 s
@@ -153,6 +160,10 @@ struct Agent {
     resolve_again: bool,
     checker: Checker,
     flow_counts: Arc<flows::CountCache>,
+    metrics: Arc<Metrics>,
+    rates: Arc<Mutex<RateTracker>>,
+    /// The data plane's debug logging (`lbctl debug`), kept across config reloads.
+    debug: bool,
 }
 
 impl Agent {
@@ -321,6 +332,8 @@ impl Agent {
     }
 
     fn on_transition(&mut self, t: &Transition) {
+        self.metrics
+            .health_transition(&t.id.vip, t.id.backend, t.up);
         if t.up {
             tracing::info!(vip = %t.id.vip, backend = %t.id.backend, result = %t.reason, "backend passes its health checks: up");
         } else {
@@ -354,7 +367,10 @@ impl Agent {
             wanted.extend(new);
             self.absorb(answered, &wanted);
         }
+        let started = Instant::now();
         let reply = self.commit_with_room(pending).await;
+        self.metrics
+            .reconfigured(reconfig_result(&reply), started.elapsed());
         // The state changed (or a failed write left it half done): checks follow it, and the
         // backends that did not answer in time join when their lookup ends.
         self.sync_checks();
@@ -409,14 +425,14 @@ impl Agent {
             Command::Change { request, reply } => {
                 let result = match self.control.prepare_changes(request) {
                     Ok(pending) => self.commit(pending).await,
-                    Err(e) => Err(e),
+                    Err(e) => Err(self.refused(e)),
                 };
                 let _ = reply.send(result);
             }
             Command::Apply { request, reply } => {
                 let result = match self.control.prepare_apply(request) {
                     Ok(pending) => self.commit(pending).await,
-                    Err(e) => Err(e),
+                    Err(e) => Err(self.refused(e)),
                 };
                 let _ = reply.send(result);
             }
@@ -427,7 +443,7 @@ impl Agent {
                 let template = self
                     .control
                     .status_template(idle_timeout.as_secs(), &self.health_reports());
-                self.count_flows(idle_timeout, reply, move |counts| template.fill(counts));
+                self.count_flows(idle_timeout, reply, move |counts| Ok(template.fill(counts)));
             }
             Command::Flows {
                 vip,
@@ -436,13 +452,79 @@ impl Agent {
                 reply,
             } => match self.control.flow_key(&vip, backend) {
                 Ok(key) => self.count_flows(idle_timeout, reply, move |counts| {
-                    counts.get(&key).copied().unwrap_or(0)
+                    Ok(counts.live.get(&key).copied().unwrap_or(0))
                 }),
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }
             },
+            Command::Stats {
+                idle_timeout,
+                reply,
+            } => {
+                let template = self
+                    .control
+                    .status_template(idle_timeout.as_secs(), &self.health_reports());
+                let counters = self.control.dp().counters();
+                let capacity = u64::from(self.control.dp().flow_table_size());
+                let rates = self.rates.clone();
+                self.count_flows(idle_timeout, reply, move |counts| {
+                    let mut rates = rates.lock().unwrap_or_else(PoisonError::into_inner);
+                    metrics::stats::collect(
+                        template,
+                        &*counters,
+                        counts,
+                        capacity,
+                        &mut rates,
+                        Instant::now(),
+                    )
+                    .map_err(|e| ApiError::new(ErrorKind::Internal, format!("counters: {e}")))
+                });
+            }
+            Command::Debug { set, reply } => {
+                let result = match set {
+                    Some(debug) => self.set_debug(debug.data_plane),
+                    None => Ok(()),
+                };
+                let _ = reply.send(result.map(|()| api::proto::Debug {
+                    data_plane: self.debug,
+                }));
+            }
         }
+    }
+
+    /// A request refused before it reached the data plane, counted.
+    fn refused(&self, e: ApiError) -> ApiError {
+        tracing::info!(error = %e, "change refused");
+        self.metrics
+            .reconfigured(ReconfigResult::Refused, Duration::ZERO);
+        e
+    }
+
+    /// What the data plane is configured with: the settings, and the debug switch.
+    fn global_config(&self) -> GlobalConfig {
+        let mut config = self.control.settings.global_config();
+        if self.debug {
+            config.flags |= CFG_F_DEBUG;
+        }
+        config
+    }
+
+    fn set_debug(&mut self, on: bool) -> Result<(), ApiError> {
+        if on == self.debug {
+            return Ok(());
+        }
+        self.debug = on;
+        let config = self.global_config();
+        if let Err(e) = self.control.dp_mut().set_config(&config) {
+            self.debug = !on;
+            return Err(ApiError::new(
+                ErrorKind::Internal,
+                format!("data_plane: writing the debug switch failed: {e}"),
+            ));
+        }
+        tracing::info!(on, cause = "api", "data-plane debug logging switched");
+        Ok(())
     }
 
     /// Scans the flow table on a blocking thread and answers with `finish(counts)`.
@@ -450,17 +532,36 @@ impl Agent {
         &self,
         idle_timeout: Duration,
         reply: oneshot::Sender<Result<T, ApiError>>,
-        finish: impl FnOnce(&flows::Counts) -> T + Send + 'static,
+        finish: impl FnOnce(&flows::Counts) -> Result<T, ApiError> + Send + 'static,
     ) {
         let table = self.control.dp().flow_table();
         let cache = self.flow_counts.clone();
         tokio::task::spawn_blocking(move || {
             let counts = cache.counts(&*table, flows::now_tick(), flows::idle_ticks(idle_timeout));
             let result = counts
-                .map(|c| finish(&c))
-                .map_err(|e| ApiError::new(ErrorKind::Internal, format!("flow table: {e}")));
+                .map_err(|e| ApiError::new(ErrorKind::Internal, format!("flow table: {e}")))
+                .and_then(|c| finish(&c));
             let _ = reply.send(result);
         });
+    }
+
+    /// Attaches (or adopts) `lb_xdp` and the health-check encapsulator on every interface.
+    fn attach_all(&mut self) -> Result<(), AgentError> {
+        for iface in &self.opts.ifaces {
+            match self.control.dp_mut().attach(iface, self.opts.mode)? {
+                Attached::Adopted => {
+                    tracing::info!(iface, "adopted the pinned link; program replaced in place");
+                }
+                Attached::New => tracing::info!(iface, mode = ?self.opts.mode, "attached"),
+            }
+            // The tc program that sends tunnel checks (`via_tunnel`) the way traffic goes; it
+            // touches only packets lbd's own probes mark. Needs tcx (kernel 6.6+): without it only
+            // those checks are lost.
+            if let Err(e) = self.control.dp_mut().attach_hc(iface) {
+                tracing::warn!(iface, error = %e, "no health checks through the tunnel on this interface");
+            }
+        }
+        Ok(())
     }
 
     fn reload(&mut self) {
@@ -469,7 +570,7 @@ impl Agent {
                 tracing::info!(path = %self.opts.config_path.display(), "config reloaded");
                 warn_if_vips_differ(&new, self.control.state());
                 self.control.settings = new.settings;
-                let global = new.settings.global_config();
+                let global = self.global_config();
                 if let Err(e) = self.control.dp_mut().set_config(&global) {
                     tracing::error!(error = %e, "writing the reloaded settings failed");
                 }
@@ -478,6 +579,16 @@ impl Agent {
                 tracing::error!(error = %e, "config reload rejected; keeping the running config");
             }
         }
+    }
+}
+
+/// The metrics label of a change's outcome.
+fn reconfig_result(reply: &Result<api::proto::ChangeReply, ApiError>) -> ReconfigResult {
+    match reply {
+        Ok(r) if r.applied => ReconfigResult::Applied,
+        Ok(_) => ReconfigResult::Unchanged,
+        Err(e) if e.kind == ErrorKind::Internal => ReconfigResult::Failed,
+        Err(_) => ReconfigResult::Refused,
     }
 }
 
@@ -499,6 +610,45 @@ fn warn_if_vips_differ(config: &Config, running: &DesiredState) {
     }
 }
 
+/// The saved state, or (first start) the config file's VIPs, saved.
+fn restore_state(
+    path: &std::path::Path,
+    config: &Config,
+) -> Result<(StateStore, DesiredState), AgentError> {
+    let store = StateStore::new(path);
+    let state = if let Some(saved) = store.load()? {
+        tracing::info!(path = %store.path().display(), vips = saved.vips.len(), "restored the saved state");
+        warn_if_vips_differ(config, &saved);
+        saved
+    } else {
+        tracing::info!(path = %store.path().display(), vips = config.state.vips.len(),
+            "no saved state; starting from the config file");
+        store.save(&config.state)?;
+        config.state.clone()
+    };
+    Ok((store, state))
+}
+
+/// Serves `/metrics` and the status page until the returned sender is used or dropped.
+fn spawn_metrics_server(
+    listener: tokio::net::TcpListener,
+    commands: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+) -> oneshot::Sender<()> {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let addr = listener.local_addr().ok();
+    tokio::spawn(metrics::server::serve(
+        listener,
+        commands,
+        metrics,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    tracing::info!(addr = ?addr, "serving /metrics and the status page");
+    stop
+}
+
 /// Runs lbd until SIGINT or SIGTERM. The data plane stays pinned and forwarding afterwards.
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     // Handlers first: a SIGHUP (systemctl reload) or SIGTERM during start-up must not kill lbd
@@ -507,19 +657,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
     let config = load_config(&opts.config_path)?;
-    let store = StateStore::new(&opts.state_path);
-    let state = if let Some(saved) = store.load()? {
-        tracing::info!(path = %store.path().display(), vips = saved.vips.len(), "restored the saved state");
-        warn_if_vips_differ(&config, &saved);
-        saved
-    } else {
-        tracing::info!(path = %store.path().display(), vips = config.state.vips.len(),
-            "no saved state; starting from the config file");
-        store.save(&config.state)?;
-        config.state.clone()
-    };
+    let (store, state) = restore_state(&opts.state_path, &config)?;
     // The socket first: a bad socket path stops lbd before it touches the data plane.
     let listener = api::server::bind(&opts.socket, opts.socket_group.as_deref())?;
+    let metrics_listener = match opts.metrics_addr {
+        Some(addr) => Some(metrics::server::bind(addr).await?),
+        None => None,
+    };
 
     let mut dp = KernelDataPlane::load(&opts.load)?;
     dp.set_config(&config.settings.global_config())?;
@@ -533,9 +677,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut netlink_changes = watch_changes().await?;
     let (resolved_tx, mut resolved_rx) = mpsc::unbounded_channel();
     let health_runtime = HealthRuntime::start()?;
+    let metrics = Arc::new(Metrics::new());
     let (checker, mut transitions) = {
         let _on_it = health_runtime.handle().enter();
-        Checker::spawn(MAX_CHECKS_IN_FLIGHT).expect("entered the health runtime")
+        let metrics = metrics.clone();
+        let observer: crate::health::ProbeObserver =
+            Arc::new(move |ok, took| metrics.probed(ok, took));
+        Checker::spawn_observed(MAX_CHECKS_IN_FLIGHT, Some(observer))
+            .expect("entered the health runtime")
     };
     let mut agent = Agent {
         opts,
@@ -547,6 +696,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         resolve_again: false,
         checker,
         flow_counts: Arc::default(),
+        metrics,
+        rates: Arc::default(),
+        debug: false,
     };
     let addrs = agent.control.state().backend_addrs();
     let first = resolve_many(&agent.resolver, addrs.clone()).await;
@@ -554,23 +706,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     agent.control.reconcile()?;
     agent.sync_checks();
 
-    for iface in &agent.opts.ifaces {
-        match agent.control.dp_mut().attach(iface, agent.opts.mode)? {
-            Attached::Adopted => {
-                tracing::info!(iface, "adopted the pinned link; program replaced in place");
-            }
-            Attached::New => tracing::info!(iface, mode = ?agent.opts.mode, "attached"),
-        }
-        // The tc program that sends tunnel checks (`via_tunnel`) the way traffic goes; it
-        // touches only packets lbd's own probes mark. Needs tcx (kernel 6.6+): without it only
-        // those checks are lost.
-        if let Err(e) = agent.control.dp_mut().attach_hc(iface) {
-            tracing::warn!(iface, error = %e, "no health checks through the tunnel on this interface");
-        }
-    }
+    agent.attach_all()?;
 
     let (commands_tx, mut commands) = mpsc::channel(64);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let metrics_stop = metrics_listener
+        .map(|listener| spawn_metrics_server(listener, commands_tx.clone(), agent.metrics.clone()));
     let server = tokio::spawn(api::server::serve(listener, commands_tx, async move {
         let _ = stop_rx.await;
     }));
@@ -610,6 +751,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     tracing::info!("lbd stopping; the data plane stays pinned and forwarding");
     let _ = stop_tx.send(());
+    if let Some(stop) = metrics_stop {
+        let _ = stop.send(());
+    }
     // Requests in flight get their answer or a closed connection; either is fine at exit.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     Ok(())

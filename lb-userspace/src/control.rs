@@ -127,15 +127,17 @@ impl Pending {
 /// which is done off the agent's loop).
 #[derive(Debug)]
 pub struct StatusTemplate {
-    status: Status,
+    pub status: Status,
     /// (vip index, backend index, slot and generation) of every installed backend.
-    keys: Vec<(usize, usize, (u32, u32))>,
+    pub keys: Vec<(usize, usize, (u32, u32))>,
+    /// Per VIP (in `status` order), the id its counters are kept under, when installed.
+    pub vip_ids: Vec<Option<u32>>,
 }
 
 impl StatusTemplate {
-    pub fn fill(mut self, counts: &std::collections::HashMap<(u32, u32), u64>) -> Status {
+    pub fn fill(mut self, counts: &crate::flows::Counts) -> Status {
         for (v, b, key) in self.keys {
-            self.status.vips[v].backends[b].flows = counts.get(&key).copied().unwrap_or(0);
+            self.status.vips[v].backends[b].flows = counts.live.get(&key).copied().unwrap_or(0);
         }
         self.status
     }
@@ -353,6 +355,7 @@ impl<D: DataPlane> Control<D> {
         health: &BTreeMap<(VipId, IpAddr), HealthReport>,
     ) -> StatusTemplate {
         let mut keys = Vec::new();
+        let mut vip_ids = Vec::new();
         let vips = self
             .state
             .vips
@@ -360,6 +363,7 @@ impl<D: DataPlane> Control<D> {
             .enumerate()
             .map(|(v, spec)| {
                 let installed = self.reconciler.backend_slots(&spec.id.key());
+                vip_ids.push(self.reconciler.vip_id(&spec.id.key()));
                 let backends = spec
                     .backends
                     .iter()
@@ -399,6 +403,7 @@ impl<D: DataPlane> Control<D> {
                 vips,
             },
             keys,
+            vip_ids,
         }
     }
 }

@@ -52,24 +52,31 @@ pub fn is_live(v: &FlowValue, now_tick: u32, idle_ticks: u32) -> bool {
     idle <= idle_ticks
 }
 
-/// Live flows per (slot, generation), from one scan of `table`. A backend's count is the entry
-/// for its slot and current generation; older generations are flows of a previous occupant.
+/// One scan of the flow table: live flows per (slot, generation), and every entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// A backend's count is the entry for its slot and current generation; older generations
+    /// are flows of a previous occupant.
+    pub live: HashMap<(u32, u32), u64>,
+    /// Entries in the table, live or not (yet) evicted: its occupancy.
+    pub entries: u64,
+}
+
+/// Counts live flows per (slot, generation) and all entries in one scan of `table`.
 pub fn count_live(
     table: &dyn FlowTable,
     now_tick: u32,
     idle_ticks: u32,
-) -> Result<HashMap<(u32, u32), u64>, DataPlaneError> {
-    let mut counts = HashMap::new();
+) -> Result<Counts, DataPlaneError> {
+    let mut counts = Counts::default();
     table.for_each_flow(&mut |v| {
+        counts.entries += 1;
         if is_live(v, now_tick, idle_ticks) {
-            *counts.entry((v.slot, v.generation)).or_default() += 1;
+            *counts.live.entry((v.slot, v.generation)).or_default() += 1;
         }
     })?;
     Ok(counts)
 }
-
-/// Live-flow counts by (slot, generation).
-pub type Counts = HashMap<(u32, u32), u64>;
 
 /// The last scan, reused within its tick: counts can only change when the tick does (an entry
 /// ages by ticks), and a scan of a large table takes long. One scan runs at a time, however
@@ -121,12 +128,12 @@ mod tests {
         table.0.push(flow(1, 1, 100, 0));
         let cache = CountCache::default();
         let scans = || table.1.load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(cache.counts(&table, 100, 5).unwrap()[&(1, 1)], 1);
-        assert_eq!(cache.counts(&table, 100, 5).unwrap()[&(1, 1)], 1);
+        assert_eq!(cache.counts(&table, 100, 5).unwrap().live[&(1, 1)], 1);
+        assert_eq!(cache.counts(&table, 100, 5).unwrap().live[&(1, 1)], 1);
         assert_eq!(scans(), 1);
         // A new tick or another idle timeout scans again.
-        assert!(cache.counts(&table, 106, 5).unwrap().is_empty());
-        assert_eq!(cache.counts(&table, 106, 9).unwrap()[&(1, 1)], 1);
+        assert!(cache.counts(&table, 106, 5).unwrap().live.is_empty());
+        assert_eq!(cache.counts(&table, 106, 9).unwrap().live[&(1, 1)], 1);
         assert_eq!(scans(), 3);
     }
 
@@ -191,10 +198,11 @@ mod tests {
         let expected: HashMap<(u32, u32), u64> = [((3, 1), 2), ((3, 0), 1), ((4, 7), 1)]
             .into_iter()
             .collect();
-        assert_eq!(counts, expected);
+        assert_eq!(counts.live, expected);
+        assert_eq!(counts.entries, 6);
 
         table.push(flow(5, 1, now, 0));
-        assert_eq!(count_live(&table, now, 10).unwrap()[&(5, 1)], 1);
+        assert_eq!(count_live(&table, now, 10).unwrap().live[&(5, 1)], 1);
     }
 
     #[test]

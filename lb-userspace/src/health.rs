@@ -13,7 +13,9 @@ mod checker;
 mod probe;
 mod state;
 
-pub use checker::{Checker, HealthError, MIN_INTERVAL, Target, TargetId, Transition};
+pub use checker::{
+    Checker, HealthError, MIN_INTERVAL, ProbeObserver, Target, TargetId, Transition,
+};
 pub use probe::{DEFAULT_STATUS, Passed, Probe, ProbeError, ProbeKind};
 pub use state::CheckStatus;
 

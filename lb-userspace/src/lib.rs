@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod flows;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod nexthop;
 pub mod reconcile;

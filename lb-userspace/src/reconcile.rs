@@ -314,6 +314,11 @@ impl Reconciler {
             .unwrap_or_default()
     }
 
+    /// The VIP id an installed VIP's counters are kept under.
+    pub fn vip_id(&self, key: &VipKey) -> Option<u32> {
+        self.vips.get(key).map(|v| v.meta.vip_id)
+    }
+
     /// Next hops of the installed backends, so a restarted agent keeps using them for a backend
     /// whose neighbour entry is briefly unusable instead of marking it down.
     pub fn installed_egress(&self) -> BTreeMap<IpAddr, Egress> {
@@ -560,6 +565,10 @@ impl Reconciler {
         p: &PreparedVip<'_>,
         now: Instant,
     ) -> Result<(), ReconcileError> {
+        // A new VIP's counters start at zero, not at a deleted VIP's that had its id.
+        if !self.vips.contains_key(&p.plan.key) {
+            dp.reset_vip_counters(p.vip_id)?;
+        }
         let mut vip = self.vips.remove(&p.plan.key).unwrap_or(InstalledVip {
             meta: VipMeta {
                 vip_id: p.vip_id,
@@ -589,6 +598,10 @@ impl Reconciler {
                 value.state == SLOT_ACTIVE || !vip.backends.contains_key(addr)
             });
         for (addr, slot, value) in early {
+            // A slot's counters are its backend's: a new occupant starts at zero.
+            if !vip.backends.contains_key(&addr) {
+                dp.reset_backend_counters(slot)?;
+            }
             self.write_slot(dp, slot, &value)?;
             vip.backends.insert(addr, InstalledBackend { slot, value });
         }

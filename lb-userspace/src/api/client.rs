@@ -23,8 +23,8 @@ use thiserror::Error;
 use tokio::net::UnixStream;
 
 use super::proto::{
-    ApplyRequest, ChangeReply, ChangeRequest, ErrorReply, FlowProgress, FlowsQuery, StateReply,
-    Status,
+    ApplyRequest, ChangeReply, ChangeRequest, Debug, ErrorReply, FlowProgress, FlowsQuery,
+    StateReply, Stats, Status,
 };
 
 /// Largest reply body read whole; a status of every backend is far below it.
@@ -109,6 +109,26 @@ impl Client {
         self.get_json(path).await
     }
 
+    /// `GET /v1/stats`: traffic counters and rates per VIP and backend, with their status;
+    /// `idle_timeout` as for [`Client::status`].
+    pub async fn stats(&self, idle_timeout: Option<u64>) -> Result<Stats, ClientError> {
+        let mut path = "/v1/stats".to_owned();
+        if let Some(secs) = idle_timeout {
+            write!(path, "?idle_timeout={secs}").expect("writing to a String");
+        }
+        self.get_json(path).await
+    }
+
+    /// `GET /v1/debug`: whether the data plane's debug logging is on.
+    pub async fn debug(&self) -> Result<Debug, ClientError> {
+        self.get_json("/v1/debug".to_owned()).await
+    }
+
+    /// `PUT /v1/debug`: turns the data plane's debug logging on or off.
+    pub async fn set_debug(&self, debug: Debug) -> Result<Debug, ClientError> {
+        self.send_json(Method::PUT, "/v1/debug", &debug).await
+    }
+
     /// `POST /v1/changes`: applies all of the changes or none.
     pub async fn changes(&self, request: &ChangeRequest) -> Result<ChangeReply, ClientError> {
         self.post_json("/v1/changes", request).await
@@ -188,9 +208,19 @@ impl Client {
         path: &str,
         body: &impl Serialize,
     ) -> Result<T, ClientError> {
+        self.send_json(Method::POST, path, body).await
+    }
+
+    async fn send_json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
         let body = serde_json::to_vec(body).expect("API messages always serialize");
-        let reply = self.send(Method::POST, path, Some(body)).await?;
-        self.read_json(reply, format!("POST {path}")).await
+        let what = format!("{method} {path}");
+        let reply = self.send(method, path, Some(body)).await?;
+        self.read_json(reply, what).await
     }
 
     /// Connects, sends one request and returns the reply if its status is 2xx, else lbd's

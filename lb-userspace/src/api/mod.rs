@@ -14,7 +14,7 @@ use crate::{
     model::{ModelError, VipId},
     reconcile::ReconcileError,
 };
-use proto::{ApplyRequest, ChangeReply, ChangeRequest, StateReply, Status};
+use proto::{ApplyRequest, ChangeReply, ChangeRequest, Debug, StateReply, Stats, Status};
 
 /// A request for the agent, with where to send the answer.
 #[derive(Debug)]
@@ -38,6 +38,16 @@ pub enum Command {
         backend: IpAddr,
         idle_timeout: Duration,
         reply: oneshot::Sender<Result<u64, ApiError>>,
+    },
+    /// Counters, rates and status, for `lbctl stats`, the status page and `/metrics`.
+    Stats {
+        idle_timeout: Duration,
+        reply: oneshot::Sender<Result<Stats, ApiError>>,
+    },
+    /// Turns the data plane's debug logging on or off (`None`: only report it).
+    Debug {
+        set: Option<Debug>,
+        reply: oneshot::Sender<Result<Debug, ApiError>>,
     },
 }
 

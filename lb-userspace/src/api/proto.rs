@@ -7,6 +7,9 @@
 //! | `POST /v1/changes`                        | [`ChangeRequest`] | [`ChangeReply`]         |
 //! | `POST /v1/apply`                          | [`ApplyRequest`]  | [`ChangeReply`]         |
 //! | `GET /v1/flows?vip=V&backend=A&idle_timeout=S[&wait=true&timeout=S]` | | [`FlowProgress`], or with `wait` one per line (NDJSON) until `done` or `error` |
+//! | `GET /v1/stats?idle_timeout=S`            |                 | [`Stats`]                 |
+//! | `GET /v1/debug`                           |                 | [`Debug`]                 |
+//! | `PUT /v1/debug`                           | [`Debug`]       | [`Debug`]                 |
 //!
 //! Any other status than 2xx carries an [`ErrorReply`].
 
@@ -167,6 +170,92 @@ pub struct FlowProgress {
     /// The wait failed (timeout, or the backend went away); last line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// `lbctl stats`, the status page and `/metrics`: traffic counters from the data plane's pinned
+/// maps (summed over CPUs, so they survive lbd restarts) with per-second rates, and each
+/// backend's state, health and live flows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stats {
+    /// Seconds the rates are averaged over (the time since an earlier read at least a second
+    /// before this one); 0 when there was none yet, and every rate is 0.
+    pub rate_interval_secs: f64,
+    pub idle_timeout_secs: u64,
+    pub vips: Vec<VipStats>,
+    pub global: GlobalStats,
+    pub flow_table: FlowTableStats,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipStats {
+    pub vip: VipId,
+    /// Every backend fails its health checks: the VIP keeps its last table.
+    #[serde(default)]
+    pub all_down: bool,
+    pub traffic: Traffic,
+    pub backends: Vec<BackendStats>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendStats {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub drain: bool,
+    pub state: BackendState,
+    /// Live flows pinned to this backend.
+    pub flows: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthReport>,
+    /// Zero for a backend not installed in the data plane.
+    pub traffic: Traffic,
+}
+
+/// Packets forwarded to a VIP or backend (bytes as received, before encapsulation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub packets_per_sec: f64,
+    pub bytes_per_sec: f64,
+    pub new_flows_per_sec: f64,
+}
+
+/// The data plane's global counters (every interface, every VIP).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalStats {
+    /// Packets by XDP action: `pass`, `tx`, `redirect`, `drop`.
+    pub actions: std::collections::BTreeMap<String, u64>,
+    /// Packets whose flow entry was found (and still valid).
+    pub flow_hits: u64,
+    /// Non-SYN packets with no valid flow entry, re-hashed.
+    pub flow_misses: u64,
+    pub new_flows: u64,
+    /// Drops by reason (`lb_common::DropReason` names), every reason listed.
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowTableStats {
+    /// Entries the table holds at most.
+    pub capacity: u64,
+    /// Entries in it at the last scan (live or not yet evicted).
+    pub entries: u64,
+}
+
+/// The data plane's debug logging (`lbctl debug on|off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Debug {
+    /// `lb_xdp` logs each packet's decision (aya-log, into lbd's log at DEBUG under the target
+    /// `lb_xdp`). Off by default; off costs one branch on a flag the program reads anyway.
+    pub data_plane: bool,
 }
 
 /// Body of every non-2xx reply.

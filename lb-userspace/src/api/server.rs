@@ -36,8 +36,8 @@ use tracing::Instrument;
 use super::{
     ApiError, Command,
     proto::{
-        ApplyRequest, BODY_LIMIT, ChangeReply, ChangeRequest, DEFAULT_IDLE_TIMEOUT_SECS,
-        ErrorReply, FLOW_POLL_MS, FlowProgress, FlowsQuery, StateReply, Status,
+        ApplyRequest, BODY_LIMIT, ChangeReply, ChangeRequest, DEFAULT_IDLE_TIMEOUT_SECS, Debug,
+        ErrorReply, FLOW_POLL_MS, FlowProgress, FlowsQuery, StateReply, Stats, Status,
     },
 };
 use crate::model::VipId;
@@ -254,6 +254,8 @@ fn router(api: Api) -> Router {
         .route("/v1/changes", post(post_changes))
         .route("/v1/apply", post(post_apply))
         .route("/v1/flows", get(get_flows))
+        .route("/v1/stats", get(get_stats))
+        .route("/v1/debug", get(get_debug).put(put_debug))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(api)
@@ -480,6 +482,38 @@ async fn get_status(
         })
         .await?;
     Ok(Json(status?))
+}
+
+async fn get_stats(
+    State(api): State<Api>,
+    QueryOf(query): QueryOf<StatusQuery>,
+) -> Result<Json<Stats>, Refusal> {
+    let idle_timeout = idle_timeout(query.idle_timeout);
+    let stats = api
+        .ask(|reply| Command::Stats {
+            idle_timeout,
+            reply,
+        })
+        .await?;
+    Ok(Json(stats?))
+}
+
+async fn get_debug(State(api): State<Api>) -> Result<Json<Debug>, Refusal> {
+    let reply = api.ask(|reply| Command::Debug { set: None, reply }).await?;
+    Ok(Json(reply?))
+}
+
+async fn put_debug(
+    State(api): State<Api>,
+    JsonBody(request): JsonBody<Debug>,
+) -> Result<Json<Debug>, Refusal> {
+    let reply = api
+        .ask(|reply| Command::Debug {
+            set: Some(request),
+            reply,
+        })
+        .await?;
+    Ok(Json(reply?))
 }
 
 async fn post_changes(

@@ -1,7 +1,7 @@
 //! lbd, the load balancer agent: argument parsing and logging setup only; the work is in
 //! `lb_userspace::agent`.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -10,6 +10,7 @@ use lb_userspace::{
     agent::{self, AgentOptions},
     api::proto::DEFAULT_SOCKET,
     dataplane::kernel::{self, AttachMode, LoadOptions},
+    metrics::server::DEFAULT_METRICS_ADDR,
 };
 
 #[derive(Parser, Debug)]
@@ -49,9 +50,25 @@ struct Args {
     /// the config file's [[vip]] list, which only seeds a fresh state).
     #[arg(long, default_value = "/var/lib/lb/state.toml")]
     state: PathBuf,
-    /// Log format.
+    /// Log format: `text` for people, `json` (one object per line) for log pipelines.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Address of `/metrics` (Prometheus) and the status page at `/`; `off` serves neither.
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = parse_metrics_addr)]
+    metrics_addr: MetricsAddr,
+}
+
+/// `--metrics-addr`: an address, or off.
+#[derive(Clone, Copy, Debug)]
+struct MetricsAddr(Option<SocketAddr>);
+
+fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
+    if text == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    text.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("{e}: give IP:PORT (e.g. {DEFAULT_METRICS_ADDR}) or off"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +118,7 @@ fn main() -> anyhow::Result<()> {
             ring_pool_size: args.ring_pool,
         },
         resolve_interval: Duration::from_secs(args.resolve_interval.max(1)),
+        metrics_addr: args.metrics_addr.0,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -99,7 +99,10 @@ fn accepted_changes_are_saved_and_installed() {
     assert!(table.iter().all(|&s| s != drained.1));
     let status = c
         .status_template(60, &BTreeMap::new())
-        .fill(&HashMap::from([((drained.1, drained.2.generation), 7)]));
+        .fill(&crate::flows::Counts {
+            live: HashMap::from([((drained.1, drained.2.generation), 7)]),
+            entries: 7,
+        });
     let b = &status.vips[0].backends[1];
     assert_eq!(
         (b.state, b.drain, b.weight, b.flows),
@@ -341,7 +344,7 @@ fn failed_checks_take_a_backend_out_and_all_down_keeps_the_last_table() {
     assert_eq!(c.all_down(), &BTreeSet::from([web]));
     let status = c
         .status_template(60, &BTreeMap::new())
-        .fill(&HashMap::new());
+        .fill(&crate::flows::Counts::default());
     assert!(status.vips[0].all_down);
 
     // b1 comes back: it alone takes new flows, and the VIP is no longer all down.

@@ -6,9 +6,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use lb_common::{BackendSlot, FlowValue, GlobalConfig, VipKey, VipMeta, maps::MAX_BACKENDS};
+use lb_common::{
+    BackendSlot, FlowValue, GlobalConfig, TrafficCounters, VipKey, VipMeta,
+    maps::{MAX_BACKENDS, MAX_VIPS},
+    stats::COUNTER_COUNT,
+};
 
-use super::{DataPlane, DataPlaneError, FlowTable};
+use super::{CounterTable, DataPlane, DataPlaneError, FlowTable};
 
 /// The fake's flow table: tests put entries in it directly.
 #[derive(Debug, Default)]
@@ -38,6 +42,61 @@ impl FlowTable for FakeFlows {
     }
 }
 
+/// The fake's counters: tests set them directly, as packets would.
+#[derive(Debug)]
+pub struct FakeCounters {
+    pub global: Mutex<Vec<u64>>,
+    pub vips: Mutex<Vec<TrafficCounters>>,
+    pub backends: Mutex<Vec<TrafficCounters>>,
+}
+
+impl Default for FakeCounters {
+    fn default() -> Self {
+        Self {
+            global: Mutex::new(vec![0; COUNTER_COUNT as usize]),
+            vips: Mutex::new(vec![TrafficCounters::default(); MAX_VIPS as usize]),
+            backends: Mutex::new(vec![TrafficCounters::default(); MAX_BACKENDS as usize]),
+        }
+    }
+}
+
+impl FakeCounters {
+    /// Counts `packets` packets of `bytes` bytes each for a VIP id and a slot.
+    pub fn add(&self, vip_id: u32, slot: u32, packets: u64, bytes: u64) {
+        for c in [
+            &mut self.vips.lock().expect("not poisoned")[vip_id as usize],
+            &mut self.backends.lock().expect("not poisoned")[slot as usize],
+        ] {
+            c.packets += packets;
+            c.bytes += packets * bytes;
+        }
+    }
+}
+
+fn entry(all: &Mutex<Vec<TrafficCounters>>, index: u32) -> Result<TrafficCounters, DataPlaneError> {
+    all.lock()
+        .expect("not poisoned")
+        .get(index as usize)
+        .copied()
+        .ok_or(DataPlaneError::MissingMap {
+            name: "fake counters",
+        })
+}
+
+impl CounterTable for FakeCounters {
+    fn global(&self) -> Result<Vec<u64>, DataPlaneError> {
+        Ok(self.global.lock().expect("not poisoned").clone())
+    }
+
+    fn vip(&self, vip_id: u32) -> Result<TrafficCounters, DataPlaneError> {
+        entry(&self.vips, vip_id)
+    }
+
+    fn backend(&self, slot: u32) -> Result<TrafficCounters, DataPlaneError> {
+        entry(&self.backends, slot)
+    }
+}
+
 /// One recorded operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -49,6 +108,8 @@ pub enum Op {
     DelVipAddr(VipKey),
     SetBackend(u32, BackendSlot),
     TxPort(u32),
+    ResetVipCounters(u32),
+    ResetBackendCounters(u32),
 }
 
 #[derive(Debug)]
@@ -60,6 +121,7 @@ pub struct FakeDataPlane {
     pub backends: Vec<BackendSlot>,
     pub tx_ports: BTreeSet<u32>,
     pub flows: Arc<FakeFlows>,
+    pub counters: Arc<FakeCounters>,
     pub ops: Vec<Op>,
     /// When set, the next mutating call fails (to test that failures change nothing visible).
     pub fail_next: bool,
@@ -77,6 +139,7 @@ impl FakeDataPlane {
             backends: vec![BackendSlot::default(); MAX_BACKENDS as usize],
             tx_ports: BTreeSet::new(),
             flows: Arc::default(),
+            counters: Arc::default(),
             ops: Vec::new(),
             fail_next: false,
             fail_on: None,
@@ -204,5 +267,25 @@ impl DataPlane for FakeDataPlane {
 
     fn flow_table(&self) -> Arc<dyn FlowTable> {
         self.flows.clone()
+    }
+
+    fn counters(&self) -> Arc<dyn CounterTable> {
+        self.counters.clone()
+    }
+
+    fn reset_vip_counters(&mut self, vip_id: u32) -> Result<(), DataPlaneError> {
+        self.check()?;
+        self.counters.vips.lock().expect("not poisoned")[vip_id as usize] =
+            TrafficCounters::default();
+        self.ops.push(Op::ResetVipCounters(vip_id));
+        Ok(())
+    }
+
+    fn reset_backend_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {
+        self.check()?;
+        self.counters.backends.lock().expect("not poisoned")[slot as usize] =
+            TrafficCounters::default();
+        self.ops.push(Op::ResetBackendCounters(slot));
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@
 //! `kernel/hc.rs`) sends health checks through the backends' tunnels on the same maps.
 
 mod batch;
+mod counters;
 mod hc;
 mod upgrade;
 
@@ -29,7 +30,9 @@ use aya::{
 use lb_common::{BackendSlot, FlowKey, FlowValue, GlobalConfig, VipKey, VipMeta, maps};
 
 pub use self::upgrade::upgrade;
-use super::{DataPlane, DataPlaneError, FlowTable};
+pub use counters::KernelCounters;
+
+use super::{CounterTable, DataPlane, DataPlaneError, FlowTable};
 
 /// How the program is attached to an interface (`--xdp-mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -107,6 +110,7 @@ pub struct KernelDataPlane {
     config: Array<MapData, GlobalConfig>,
     tx_ports: DevMapHash<MapData>,
     flows: Arc<KernelFlows>,
+    counters: Arc<KernelCounters>,
 }
 
 /// A read handle on `LB_FLOWS` (its own descriptor), shareable with a blocking scan task.
@@ -205,6 +209,7 @@ impl KernelDataPlane {
             config: take_typed(&mut ebpf, maps::CONFIG)?,
             tx_ports: take_typed(&mut ebpf, maps::TX_PORTS)?,
             flows: Arc::new(flows),
+            counters: Arc::new(KernelCounters::take(&mut ebpf)?),
             pin_dir: opts.pin_dir.clone(),
             ebpf,
         })
@@ -544,5 +549,17 @@ impl DataPlane for KernelDataPlane {
 
     fn flow_table(&self) -> Arc<dyn FlowTable> {
         self.flows.clone()
+    }
+
+    fn counters(&self) -> Arc<dyn CounterTable> {
+        self.counters.clone()
+    }
+
+    fn reset_vip_counters(&mut self, vip_id: u32) -> Result<(), DataPlaneError> {
+        self.counters.reset_vip(vip_id)
+    }
+
+    fn reset_backend_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {
+        self.counters.reset_backend(slot)
     }
 }

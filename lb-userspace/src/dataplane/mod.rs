@@ -8,7 +8,7 @@ pub mod kernel;
 
 use std::{io, path::PathBuf, sync::Arc};
 
-use lb_common::{BackendSlot, FlowValue, GlobalConfig, VipKey, VipMeta};
+use lb_common::{BackendSlot, FlowValue, GlobalConfig, TrafficCounters, VipKey, VipMeta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataPlaneError {
@@ -73,6 +73,26 @@ pub trait DataPlane {
     fn add_tx_port(&mut self, ifindex: u32) -> Result<(), DataPlaneError>;
     /// A read handle on the flow table that a blocking task can scan while the agent goes on.
     fn flow_table(&self) -> Arc<dyn FlowTable>;
+    /// A read handle on the traffic counters (metrics read them on every scrape, off the loop).
+    fn counters(&self) -> Arc<dyn CounterTable>;
+    /// Zeroes a VIP id's traffic counters (on every CPU) before a new VIP takes the id, so
+    /// its series starts at zero instead of inheriting the previous owner's.
+    fn reset_vip_counters(&mut self, vip_id: u32) -> Result<(), DataPlaneError>;
+    /// Zeroes a backend slot's traffic counters before a new backend takes the slot.
+    fn reset_backend_counters(&mut self, slot: u32) -> Result<(), DataPlaneError>;
+}
+
+/// Read access to the data plane's counters, summed over CPUs. They live in pinned maps, so
+/// they keep counting through lbd restarts and never go backwards while a VIP id or slot keeps
+/// its owner.
+pub trait CounterTable: Send + Sync {
+    /// `LB_GLOBAL_STATS`: one value per index of `lb_common::Counter` / `DropReason`
+    /// (`lb_common::stats::COUNTER_COUNT` values).
+    fn global(&self) -> Result<Vec<u64>, DataPlaneError>;
+    /// `LB_VIP_STATS` of one VIP id.
+    fn vip(&self, vip_id: u32) -> Result<TrafficCounters, DataPlaneError>;
+    /// `LB_BACKEND_STATS` of one backend slot.
+    fn backend(&self, slot: u32) -> Result<TrafficCounters, DataPlaneError>;
 }
 
 /// Read access to `LB_FLOWS`. A scan of a large table takes long, so it runs off the agent's

@@ -79,10 +79,14 @@ pub struct Checker {
     runtime: Handle,
 }
 
+/// Told of every probe's outcome (passed or not) and duration, e.g. for a latency histogram.
+pub type ProbeObserver = Arc<dyn Fn(bool, Duration) + Send + Sync>;
+
 struct Shared {
     table: Mutex<Table>,
     permits: Semaphore,
     transitions: mpsc::UnboundedSender<Transition>,
+    observer: Option<ProbeObserver>,
 }
 
 struct Table {
@@ -105,6 +109,14 @@ impl Checker {
     pub fn spawn(
         max_in_flight: usize,
     ) -> Result<(Self, mpsc::UnboundedReceiver<Transition>), HealthError> {
+        Self::spawn_observed(max_in_flight, None)
+    }
+
+    /// [`Checker::spawn`], calling `observer` after every probe.
+    pub fn spawn_observed(
+        max_in_flight: usize,
+        observer: Option<ProbeObserver>,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Transition>), HealthError> {
         let runtime = Handle::try_current().map_err(HealthError::Runtime)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let table = Table {
@@ -116,6 +128,7 @@ impl Checker {
             table: Mutex::new(table),
             permits: Semaphore::new(max_in_flight.max(1)),
             transitions: tx,
+            observer,
         });
         Ok((Self { shared, runtime }, rx))
     }
@@ -223,6 +236,9 @@ impl Shared {
         result: &Result<Passed, ProbeError>,
         latency: Duration,
     ) -> bool {
+        if let Some(observe) = &self.observer {
+            observe(result.is_ok(), latency);
+        }
         let mut table = self.lock();
         let Some(entry) = table.entries.get_mut(&target.id) else {
             return false;

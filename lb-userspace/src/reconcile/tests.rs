@@ -8,7 +8,11 @@ use lb_common::{
 };
 
 use super::*;
-use crate::dataplane::fake::{FakeDataPlane, Op};
+use crate::dataplane::{
+    CounterTable as _,
+    fake::{FakeDataPlane, Op},
+};
+use lb_common::TrafficCounters;
 
 const RING: u32 = 13;
 
@@ -731,4 +735,51 @@ fn adoption_quarantines_retired_slots() {
     let_quarantine_pass(&mut adopted);
     adopted.apply(&mut dp, &both).unwrap();
     assert_eq!(dp.backends[gone as usize].state, SLOT_FREE);
+}
+
+#[test]
+fn a_reused_slot_or_vip_id_starts_its_counters_at_zero() {
+    let (mut dp, mut rec) = setup();
+    let (a, b) = (vip("10.0.0.1"), vip("10.0.0.2"));
+    rec.apply(&mut dp, &[plan(a, vec![backend("10.1.0.1", 1)])])
+        .unwrap();
+    let slot = slot_of(&rec, &a, "10.1.0.1");
+    let vip_id = dp.vips[&a].vip_id;
+    dp.counters.add(vip_id, slot, 10, 100);
+
+    // Changes that keep the VIP and the backend keep their counters.
+    dp.ops.clear();
+    rec.apply(&mut dp, &[plan(a, vec![backend("10.1.0.1", 2)])])
+        .unwrap();
+    assert!(
+        !dp.ops
+            .iter()
+            .any(|o| matches!(o, Op::ResetVipCounters(_) | Op::ResetBackendCounters(_))),
+        "{:?}",
+        dp.ops
+    );
+    assert_eq!(dp.counters.backend(slot).unwrap().packets, 10);
+
+    // Gone, then (after the zero quarantine) both the id and the slot go to a new VIP.
+    rec.apply(&mut dp, &[]).unwrap();
+    rec.apply(&mut dp, &[]).unwrap();
+    dp.ops.clear();
+    rec.apply(&mut dp, &[plan(b, vec![backend("10.1.0.9", 1)])])
+        .unwrap();
+    assert_eq!(dp.vips[&b].vip_id, vip_id, "the id is reused");
+    assert_eq!(slot_of(&rec, &b, "10.1.0.9"), slot, "the slot is reused");
+    let reset_vip = position(&dp.ops, |o| *o == Op::ResetVipCounters(vip_id));
+    let reset_slot = position(&dp.ops, |o| *o == Op::ResetBackendCounters(slot));
+    let slot_written = position(&dp.ops, |o| matches!(o, Op::SetBackend(s, _) if *s == slot));
+    let published = position(&dp.ops, |o| matches!(o, Op::SetVip(..)));
+    assert!(
+        reset_slot < slot_written && reset_vip < published,
+        "{:?}",
+        dp.ops
+    );
+    assert_eq!(dp.counters.vip(vip_id).unwrap(), TrafficCounters::default());
+    assert_eq!(
+        dp.counters.backend(slot).unwrap(),
+        TrafficCounters::default()
+    );
 }

@@ -20,7 +20,10 @@ use super::{
     *,
 };
 use crate::{
-    api::proto::{BackendState, BackendStatus, VipStatus},
+    api::proto::{
+        BackendState, BackendStats, BackendStatus, FlowTableStats, GlobalStats, Traffic, VipStats,
+        VipStatus,
+    },
     change::{self, Change},
     config::Settings,
     model::{DesiredState, ModelError},
@@ -76,6 +79,7 @@ struct Fake {
     /// backend is in `stuck`.
     flows: HashMap<IpAddr, u64>,
     stuck: HashSet<IpAddr>,
+    debug: bool,
 }
 
 /// One VIP (ring 13) with the two backends above.
@@ -105,6 +109,7 @@ fn seeded() -> Fake {
         state: change::apply_all(&DesiredState::default(), &setup).unwrap(),
         flows: HashMap::from([(ip(DRAINING), 3), (ip(STUCK), 7)]),
         stuck: HashSet::from([ip(STUCK)]),
+        debug: false,
     }
 }
 
@@ -146,6 +151,21 @@ impl Fake {
                 reply,
                 ..
             } => answer(reply, self.count(vip, backend)),
+            Command::Stats {
+                idle_timeout,
+                reply,
+            } => answer(reply, Ok(self.stats(idle_timeout))),
+            Command::Debug { set, reply } => {
+                if let Some(set) = set {
+                    self.debug = set.data_plane;
+                }
+                answer(
+                    reply,
+                    Ok(Debug {
+                        data_plane: self.debug,
+                    }),
+                );
+            }
         }
     }
 
@@ -174,6 +194,41 @@ impl Fake {
             *left = now.saturating_sub(1);
         }
         Ok(now)
+    }
+
+    fn stats(&self, idle: Duration) -> Stats {
+        let status = self.status(idle);
+        Stats {
+            rate_interval_secs: 0.0,
+            idle_timeout_secs: status.idle_timeout_secs,
+            vips: status
+                .vips
+                .into_iter()
+                .map(|v| VipStats {
+                    vip: v.vip,
+                    all_down: v.all_down,
+                    traffic: Traffic::default(),
+                    backends: v
+                        .backends
+                        .into_iter()
+                        .map(|b| BackendStats {
+                            address: b.address,
+                            weight: b.weight,
+                            drain: b.drain,
+                            state: b.state,
+                            flows: b.flows,
+                            health: b.health,
+                            traffic: Traffic {
+                                packets: 5,
+                                ..Traffic::default()
+                            },
+                        })
+                        .collect(),
+                })
+                .collect(),
+            global: GlobalStats::default(),
+            flow_table: FlowTableStats::default(),
+        }
     }
 
     fn status(&self, idle: Duration) -> Status {
@@ -278,10 +333,10 @@ fn raw(method: &str, target: &str, content_type: Option<&str>, body: &[u8]) -> V
     let content_type = content_type
         .map(|c| format!("Content-Type: {c}\r\n"))
         .unwrap_or_default();
-    let length = if method == "POST" {
-        format!("Content-Length: {}\r\n", body.len())
-    } else {
+    let length = if method == "GET" {
         String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
     };
     let head = format!(
         "{method} {target} HTTP/1.1\r\nHost: lbd\r\nConnection: close\r\n{content_type}{length}\r\n"
@@ -858,4 +913,43 @@ async fn bind_sets_the_mode_and_replaces_a_stale_socket() {
     listener.accept().await.unwrap();
     drop(client);
     assert_eq!(group_id("root").unwrap(), 0);
+}
+
+#[tokio::test]
+async fn stats_and_the_debug_switch() {
+    let server = start("stats", seeded(), TIMEOUTS);
+    let reply = server.get("/v1/stats?idle_timeout=5").await;
+    let stats: Stats = reply.json();
+    assert_eq!(stats.idle_timeout_secs, 5);
+    assert_eq!(stats.vips[0].backends.len(), 2);
+    assert_eq!(stats.vips[0].backends[0].traffic.packets, 5);
+
+    let reply = server.get("/v1/debug").await;
+    assert_eq!(reply.json::<Debug>(), Debug { data_plane: false });
+    let put = |body: &str| {
+        raw(
+            "PUT",
+            "/v1/debug",
+            Some("application/json"),
+            body.as_bytes(),
+        )
+    };
+    let reply = server.send(&put(r#"{"data_plane":true}"#)).await;
+    assert_eq!(reply.json::<Debug>(), Debug { data_plane: true });
+    assert!(server.fake.lock().unwrap().debug);
+    // Refusals name the field and leave the switch as it was.
+    for (body, needle) in [
+        (r#"{"data_plane":"yes"}"#, "data_plane"),
+        (r#"{"data_plane":false,"verbose":1}"#, "verbose"),
+        (r"{}", "data_plane"),
+    ] {
+        let reply = server.send(&put(body)).await;
+        assert_eq!(reply.status, 400, "{body}: {reply}");
+        assert!(reply.error().contains(needle), "{body}: {reply}");
+    }
+    assert!(server.fake.lock().unwrap().debug);
+    let reply = server
+        .post("/v1/debug", &serde_json::json!({"data_plane": false}))
+        .await;
+    assert_eq!(reply.status, 405, "{reply}");
 }

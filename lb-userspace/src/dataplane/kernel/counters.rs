@@ -1,0 +1,104 @@
+//! The per-CPU traffic counters: read (summed over CPUs) for metrics and stats, and zeroed when
+//! a VIP id or backend slot gets a new owner. One handle shared by the data plane (resets) and
+//! the readers (scrapes run off the agent's loop); the maps are small, so a lock is no cost.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use aya::{
+    Ebpf,
+    maps::{MapData, MapError, PerCpuArray, PerCpuValues},
+};
+use lb_common::{TrafficCounters, maps, stats::COUNTER_COUNT};
+
+use super::take_typed;
+use crate::dataplane::{CounterTable, DataPlaneError};
+
+struct Maps {
+    global: PerCpuArray<MapData, u64>,
+    vips: PerCpuArray<MapData, TrafficCounters>,
+    backends: PerCpuArray<MapData, TrafficCounters>,
+}
+
+/// `LB_GLOBAL_STATS`, `LB_VIP_STATS` and `LB_BACKEND_STATS`.
+pub struct KernelCounters(Mutex<Maps>);
+
+impl KernelCounters {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, DataPlaneError> {
+        Ok(Self(Mutex::new(Maps {
+            global: take_typed(ebpf, maps::GLOBAL_STATS)?,
+            vips: take_typed(ebpf, maps::VIP_STATS)?,
+            backends: take_typed(ebpf, maps::BACKEND_STATS)?,
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Maps> {
+        // No panic can happen while it is held; the maps are whole either way.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn reset_vip(&self, vip_id: u32) -> Result<(), DataPlaneError> {
+        zero(&mut self.lock().vips, vip_id).map_err(|e| DataPlaneError::map(maps::VIP_STATS, e))
+    }
+
+    pub(super) fn reset_backend(&self, slot: u32) -> Result<(), DataPlaneError> {
+        zero(&mut self.lock().backends, slot)
+            .map_err(|e| DataPlaneError::map(maps::BACKEND_STATS, e))
+    }
+}
+
+fn zero(map: &mut PerCpuArray<MapData, TrafficCounters>, index: u32) -> Result<(), MapError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, io_error)| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error,
+        })
+    })?;
+    let values =
+        PerCpuValues::try_from(vec![TrafficCounters::default(); cpus]).map_err(|io_error| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "per-cpu values",
+                io_error,
+            })
+        })?;
+    map.set(index, values, 0)
+}
+
+fn sum(values: &PerCpuValues<TrafficCounters>) -> TrafficCounters {
+    values
+        .iter()
+        .fold(TrafficCounters::default(), |acc, v| TrafficCounters {
+            packets: acc.packets.wrapping_add(v.packets),
+            bytes: acc.bytes.wrapping_add(v.bytes),
+            new_flows: acc.new_flows.wrapping_add(v.new_flows),
+        })
+}
+
+impl CounterTable for KernelCounters {
+    fn global(&self) -> Result<Vec<u64>, DataPlaneError> {
+        let held = self.lock();
+        (0..COUNTER_COUNT)
+            .map(|i| {
+                held.global
+                    .get(&i, 0)
+                    .map(|v| v.iter().fold(0u64, |acc, x| acc.wrapping_add(*x)))
+                    .map_err(|e| DataPlaneError::map(maps::GLOBAL_STATS, e))
+            })
+            .collect()
+    }
+
+    fn vip(&self, vip_id: u32) -> Result<TrafficCounters, DataPlaneError> {
+        self.lock()
+            .vips
+            .get(&vip_id, 0)
+            .map(|v| sum(&v))
+            .map_err(|e| DataPlaneError::map(maps::VIP_STATS, e))
+    }
+
+    fn backend(&self, slot: u32) -> Result<TrafficCounters, DataPlaneError> {
+        self.lock()
+            .backends
+            .get(&slot, 0)
+            .map(|v| sum(&v))
+            .map_err(|e| DataPlaneError::map(maps::BACKEND_STATS, e))
+    }
+}
