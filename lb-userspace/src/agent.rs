@@ -181,7 +181,7 @@ impl Agent {
                     if self.control.egress.insert(addr, egress) != Some(egress) {
                         changed = true;
                         tracing::info!(backend = %addr, iface = %hop.ifname, gateway = ?hop.gateway,
-                            mac = %mac(hop.dst_mac), "backend next hop resolved");
+                            mac = %mac(hop.dst_mac), cause = "route and neighbour lookup", "backend next hop resolved");
                     }
                 }
                 // A backend that resolved before keeps its last next hop (a neighbour entry
@@ -335,9 +335,9 @@ impl Agent {
         self.metrics
             .health_transition(&t.id.vip, t.id.backend, t.up);
         if t.up {
-            tracing::info!(vip = %t.id.vip, backend = %t.id.backend, result = %t.reason, "backend passes its health checks: up");
+            tracing::info!(vip = %t.id.vip, backend = %t.id.backend, cause = %t.reason, "health: backend up");
         } else {
-            tracing::warn!(vip = %t.id.vip, backend = %t.id.backend, result = %t.reason, "backend fails its health checks: down");
+            tracing::warn!(vip = %t.id.vip, backend = %t.id.backend, cause = %t.reason, "health: backend down");
         }
         self.refresh_health();
     }
@@ -408,7 +408,7 @@ impl Agent {
         match &reply {
             Ok(r) if r.applied => {
                 for change in &r.changes {
-                    tracing::info!(change = %change, "change applied");
+                    tracing::info!(change = %change, cause = "api", "change applied");
                 }
             }
             Ok(_) => {}
@@ -567,7 +567,7 @@ impl Agent {
     fn reload(&mut self) {
         match load_config(&self.opts.config_path) {
             Ok(new) => {
-                tracing::info!(path = %self.opts.config_path.display(), "config reloaded");
+                tracing::info!(path = %self.opts.config_path.display(), cause = "SIGHUP", "config reloaded");
                 warn_if_vips_differ(&new, self.control.state());
                 self.control.settings = new.settings;
                 let global = self.global_config();

@@ -156,6 +156,8 @@ pub struct Control<D> {
     pub health: HealthView,
     /// VIPs whose every backend is down, kept on their last table.
     all_down: BTreeSet<VipId>,
+    /// Each backend's forwarding state as last logged.
+    transitions: transitions::Transitions,
 }
 
 impl<D: DataPlane> Control<D> {
@@ -176,6 +178,7 @@ impl<D: DataPlane> Control<D> {
             egress,
             health: HealthView::default(),
             all_down: BTreeSet::new(),
+            transitions: transitions::Transitions::default(),
         }
     }
 
@@ -200,13 +203,15 @@ impl<D: DataPlane> Control<D> {
     pub fn reconcile(&mut self) -> Result<(), ReconcileError> {
         let planned = plans(&self.state, &self.egress, &self.health);
         for vip in planned.all_down.difference(&self.all_down) {
-            tracing::error!(vip = %vip, "every backend fails its health checks; keeping the last table");
+            tracing::error!(vip = %vip, cause = "every backend fails its health checks", "VIP all down: keeping the last table");
         }
         for vip in self.all_down.difference(&planned.all_down) {
-            tracing::info!(vip = %vip, "a backend passes its health checks again");
+            tracing::info!(vip = %vip, cause = "a backend passes its health checks again", "VIP no longer all down");
         }
         self.all_down = planned.all_down;
         self.reconciler.apply(&mut self.dp, &planned.plans)?;
+        let causes = transitions::causes(&self.state, &planned.plans);
+        transitions::log(&self.transitions.update(causes));
         for (vip, up) in taking_flows(&planned.plans, &self.state) {
             if !up.is_empty() {
                 self.health.last_up.insert(vip, up);
@@ -410,3 +415,4 @@ impl<D: DataPlane> Control<D> {
 
 #[cfg(test)]
 mod tests;
+pub mod transitions;

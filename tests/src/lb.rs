@@ -109,6 +109,8 @@ pub struct LbdOptions {
     /// Maglev table pool in entries: room for `ring_pool / ring_size` tables, live or in their
     /// one-second quarantine after a swap.
     pub ring_pool: u32,
+    /// `--log-format json` instead of text.
+    pub json_logs: bool,
 }
 
 impl Default for LbdOptions {
@@ -117,6 +119,7 @@ impl Default for LbdOptions {
         Self {
             flow_table_size: 65_536,
             ring_pool: 1 << 20,
+            json_logs: false,
         }
     }
 }
@@ -216,6 +219,9 @@ impl<'a> Lbd<'a> {
         for iface in &self.ifaces {
             cmd.args(["--iface", iface]);
         }
+        if self.options.json_logs {
+            cmd.args(["--log-format", "json"]);
+        }
         let started = Instant::now();
         let pid = self.ns.spawn(cmd)?;
         self.pid = Some(pid);
@@ -257,7 +263,7 @@ impl<'a> Lbd<'a> {
         let log = self.log();
         let errors: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains(" ERROR ") && !expected(l))
+            .filter(|l| (l.contains(" ERROR ") || l.contains(r#""level":"ERROR""#)) && !expected(l))
             .collect();
         anyhow::ensure!(
             errors.is_empty(),
@@ -292,6 +298,12 @@ impl<'a> Lbd<'a> {
     /// An in-process API client on this lbd's socket.
     pub fn client(&self) -> Client {
         Client::new(&self.socket_path)
+    }
+
+    /// `GET path` on lbd's metrics address (its default, 127.0.0.1:9100 in its namespace),
+    /// from inside the namespace: the status code and the body.
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        self.ns.run(|| http_get(METRICS_ADDR, path))
     }
 
     /// A read-only view of the pinned maps.
@@ -349,6 +361,59 @@ impl Drop for Lbd<'_> {
         if !std::thread::panicking() {
             let _ = fs::remove_file(&self.log_path);
         }
+    }
+}
+
+/// Where lbd serves `/metrics` and the status page (its default), in its namespace.
+pub const METRICS_ADDR: &str = "127.0.0.1:9100";
+
+/// One HTTP/1.1 GET with `Connection: close` (bounded by timeouts): the status and the body.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let addr: std::net::SocketAddr = addr.parse().context("metrics address")?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reply = Vec::new();
+    stream
+        .read_to_end(&mut reply)
+        .with_context(|| format!("reading the reply to GET {path}"))?;
+    let reply = String::from_utf8(reply).context("reply is not UTF-8")?;
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of headers in {reply:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+/// The body of a chunked reply.
+fn dechunk(mut rest: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").context("chunk size line")?;
+        let size = usize::from_str_radix(size.trim(), 16).context("chunk size")?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = after.get(..size).context("chunk shorter than its size")?;
+        out.push_str(chunk);
+        rest = after.get(size + 2..).context("chunk without its CRLF")?;
     }
 }
 

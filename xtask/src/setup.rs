@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "xdp-tools",
     "curl",
     "tcpdump",
+    // The status-page test loads the page in headless Chromium (screenshot and DOM).
+    "chromium",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const BPFFS: &str = "/sys/fs/bpf";

@@ -86,7 +86,7 @@ fn body(bed: &Bed, lbd: &Lbd) -> Result<()> {
         "{resets} established connections were reset on the client"
     );
     ensure!(
-        lbd.log().contains("backend fails its health checks: down"),
+        lbd.log().contains("health: backend down"),
         "lbd did not log the transition down"
     );
     lbd.expect_no_errors(|_| false)

@@ -220,10 +220,7 @@ fn body(bed: &Bed, lbd: &Lbd) -> Result<()> {
 fn logged_transitions(lbd: &Lbd) -> usize {
     lbd.log()
         .lines()
-        .filter(|l| {
-            l.contains("backend fails its health checks: down")
-                || l.contains("backend passes its health checks: up")
-        })
+        .filter(|l| l.contains("health: backend down") || l.contains("health: backend up"))
         .count()
 }
 

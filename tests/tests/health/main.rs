@@ -11,12 +11,16 @@
 //! - `flapping`: for a minute backends stop and start every few seconds under 300 ms checks with
 //!   rise 1 and fall 1, one VIP at times losing every backend: the tables are never empty, a VIP
 //!   whose backends are all down keeps its last table and says so, status always answers.
+//! - `state_changes_logged_once`: with `--log-format json`, each change of a backend's state
+//!   (added, drained, undrained, down by its checks, up again, removed) is one JSON line with
+//!   its cause, and each health transition and applied change is one line too.
 //! - `via_tunnel`: a backend without `lb_decap` fails checks sent through its tunnel while a
 //!   direct check of the same server passes.
 
 mod down_up;
 mod flapping;
 mod http;
+mod logs;
 mod tunnel;
 
 use std::{
@@ -160,12 +164,16 @@ impl Bed {
     }
 
     fn start_lbd(&self, config: &str) -> Result<Lbd<'_>> {
+        self.start_lbd_with(config, LbdOptions::default())
+    }
+
+    fn start_lbd_with(&self, config: &str, options: LbdOptions) -> Result<Lbd<'_>> {
         Lbd::start_with(
             &self.topo.gw().ns,
             &self.topo.gw().ifaces(),
             MODE,
             config,
-            LbdOptions::default(),
+            options,
         )
     }
 
