@@ -66,8 +66,9 @@ pub enum Counter {
     NewFlows = 4,
     /// Packets whose flow entry was found and still valid.
     FlowHits = 5,
-    /// Non-SYN packets with no valid flow entry (after a restart, on another host, or after
-    /// their backend went away): re-hashed through Maglev.
+    /// TCP packets other than a SYN with no valid flow entry (the flow began on another host,
+    /// or its backend went away, or its entry was evicted): re-hashed through Maglev. A UDP
+    /// datagram with no entry starts a new flow and is not a miss.
     FlowMisses = 6,
     /// First of `DropReason::ALL.len()` per-reason drop counters.
     DropBase = 8,

@@ -6,6 +6,8 @@
 // constant and no BPF-to-BPF call is emitted (older kernels cannot mix those with tail calls).
 #![allow(clippy::inline_always)]
 
+#[cfg(feature = "balancer")]
+pub mod debug;
 #[cfg(feature = "decap")]
 pub mod decap;
 #[cfg(feature = "balancer")]

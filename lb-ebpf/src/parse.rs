@@ -44,8 +44,9 @@ pub enum Parsed {
     /// Not IPv4, or too short to say where it is going: not ours, the stack decides.
     NotIp,
     /// An IPv4 packet the balancer cannot forward: dropped with `reason` when `dst` is a VIP
-    /// address, passed otherwise.
+    /// address, passed otherwise. `src` is for the debug log.
     Malformed {
+        src: u32,
         dst: WireAddr,
         family: u8,
         reason: DropReason,
@@ -82,6 +83,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     match check_ipv4(ctx, ip) {
         Ok(packet) => Parsed::Packet(packet),
         Err(reason) => Parsed::Malformed {
+            src: u32::from_ne_bytes(ip.src_addr),
             dst,
             family: FAMILY_V4,
             reason,

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use lb_userspace::api::proto::{StateReply, Status};
+use lb_userspace::api::proto::{Debug, StateReply, Stats, Status};
 use serde::de::DeserializeOwned;
 
 use crate::lb::workspace_bin;
@@ -140,6 +140,16 @@ impl Lbctl {
     /// `lbctl --json export`: the running state.
     pub fn state(&self) -> Result<StateReply> {
         self.json(&["export"])
+    }
+
+    /// `lbctl --json stats`: one reading, with rates unless lbd restarted during it.
+    pub fn stats(&self) -> Result<Stats> {
+        self.json(&["stats"])
+    }
+
+    /// `lbctl --json debug <switch>` (`on`, `off` or `status`): the switch afterwards.
+    pub fn debug(&self, switch: &str) -> Result<Debug> {
+        self.json(&["debug", switch])
     }
 
     /// `lbctl export`: the running state as TOML text.

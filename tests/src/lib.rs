@@ -2,9 +2,11 @@
 
 pub mod balancer;
 pub mod bpf;
+pub mod browser;
 pub mod chatter;
 pub mod lb;
 pub mod lbctl;
 pub mod netns;
+pub mod nft;
 pub mod packet;
 pub mod traffic;

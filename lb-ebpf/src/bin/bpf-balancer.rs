@@ -1,7 +1,7 @@
 //! `lb_xdp`, the balancer: parse, VIP lookup, flow table or Maglev ring, IPIP encapsulation,
-//! egress, stats; and `lb_hc_encap`, the tc egress program that sends health checks through a
-//! backend's tunnel. This object also defines every LB_* map (see `lb_ebpf::maps`), which both
-//! programs share.
+//! egress, stats, debug log; and `lb_hc_encap`, the tc egress program that sends health checks
+//! through a backend's tunnel. This object also defines every LB_* map (see `lb_ebpf::maps`),
+//! which both programs share, and aya-log's `AYA_LOGS` ring (see `lb_ebpf::debug`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Inlining is how BPF code stays verifiable and cheap: a map reference stays a load-time
@@ -17,13 +17,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Counter, DropReason,
+    Counter, DropReason, GlobalConfig, VipMeta,
     hash::{flow_hash, src_hash},
-    keys::VIP_F_HASH_SRC_ONLY,
+    keys::{PROTO_UDP, VIP_F_HASH_SRC_ONLY},
 };
 use lb_ebpf::{
+    debug::{Choice, Dropped, Switch},
     egress, encap, hc, lookup,
-    parse::{self, Parsed},
+    parse::{self, Packet, Parsed},
     stats::{count, count_drop, count_traffic},
 };
 
@@ -31,8 +32,9 @@ use lb_ebpf::{
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match try_lb(&ctx) {
         Ok(action) => action,
-        Err(reason) => {
-            count_drop(reason);
+        Err(dropped) => {
+            count_drop(dropped.reason);
+            dropped.log(&ctx);
             xdp_action::XDP_DROP
         }
     }
@@ -45,18 +47,26 @@ fn pass() -> u32 {
 }
 
 #[inline(always)]
-fn try_lb(ctx: &XdpContext) -> Result<u32, DropReason> {
+fn try_lb(ctx: &XdpContext) -> Result<u32, Dropped> {
     let packet = match parse::parse(ctx) {
         Parsed::Packet(packet) => packet,
         Parsed::NotIp => return Ok(pass()),
         // Never forward what we cannot parse; drop it only when it was meant for a VIP.
         Parsed::Malformed {
+            src,
             dst,
             family,
             reason,
         } => {
             return if lookup::is_vip_address(dst, family) {
-                Err(reason)
+                // The config is not read on this path otherwise; a drop can afford the lookup.
+                let log = lookup::config().map_or(Switch::OFF, Switch::new);
+                Err(Dropped {
+                    reason,
+                    log,
+                    src,
+                    dst: dst[0],
+                })
             } else {
                 Ok(pass())
             };
@@ -67,7 +77,24 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Ok(pass());
     };
     // LB_CONFIG always has its one element; the verifier still wants the null check.
-    let cfg = lookup::config().ok_or(DropReason::EncapFailed)?;
+    let Some(cfg) = lookup::config() else {
+        return Err(Dropped::new(DropReason::EncapFailed, Switch::OFF, flow));
+    };
+    // The one read of the debug switch for this packet.
+    let log = Switch::new(cfg);
+    forward(ctx, &packet, &vip, cfg, log).map_err(|reason| Dropped::new(reason, log, flow))
+}
+
+/// Picks the backend of a packet for `vip`, encapsulates the packet and sends it on.
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    packet: &Packet,
+    vip: &VipMeta,
+    cfg: &GlobalConfig,
+    log: Switch,
+) -> Result<u32, DropReason> {
+    let flow = &packet.flow;
     // bpf_ktime_get_coarse_ns needs kernel 5.11+; a tick is about a second.
     // SAFETY: no arguments; reads the coarse monotonic clock.
     let tick = (unsafe { bpf_ktime_get_coarse_ns() } >> 30) as u32;
@@ -75,25 +102,29 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, DropReason> {
     // The 5-tuple hash is needed to pick a backend for a new flow (unless the VIP hashes the
     // source only) and for the outer source's entropy bits; computed at most once, lazily.
     let mut hash = None;
-    let (backend, new_flow) =
+    let (backend, new_flow, choice) =
         if let Some(backend) = lookup::pinned_backend(flow, tick, packet.syn, packet.fin_rst) {
             count(Counter::FlowHits);
-            (backend, false)
+            (backend, false, Choice::Hit)
         } else {
             let ring_hash = if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
                 src_hash(flow)
             } else {
                 *hash.insert(flow_hash(flow))
             };
-            let backend = lookup::ring_backend(&vip, ring_hash)?;
+            let backend = lookup::ring_backend(vip, ring_hash)?;
             let pinned = lookup::pin_flow(flow, backend, tick);
             if pinned {
                 count(Counter::NewFlows);
             }
-            if !packet.syn {
+            // A SYN, or a UDP datagram (UDP has no handshake: any unknown flow is new).
+            let choice = if packet.syn || flow.proto == PROTO_UDP {
+                Choice::New
+            } else {
                 count(Counter::FlowMisses);
-            }
-            (backend, pinned)
+                Choice::Rehash
+            };
+            (backend, pinned, choice)
         };
 
     let entropy = if cfg.encap_src_v4_mask == 0 {
@@ -108,6 +139,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, DropReason> {
     encap::ipip_v4(ctx, backend.slot, &inner, cfg.encap_src_v4 | entropy)?;
     let action = egress::send(ctx, backend.slot)?;
     count_traffic(vip.vip_id, backend.index, packet.len, new_flow);
+    log.forward(ctx, flow, choice, backend);
     Ok(action)
 }
 

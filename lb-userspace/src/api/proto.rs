@@ -233,7 +233,7 @@ pub struct GlobalStats {
     pub actions: std::collections::BTreeMap<String, u64>,
     /// Packets whose flow entry was found (and still valid).
     pub flow_hits: u64,
-    /// Non-SYN packets with no valid flow entry, re-hashed.
+    /// TCP packets other than a SYN with no valid flow entry, re-hashed.
     pub flow_misses: u64,
     pub new_flows: u64,
     /// Drops by reason (`lb_common::DropReason` names), every reason listed.

@@ -4,6 +4,10 @@
 // A crate root looks for modules beside itself; lbctl's live in bin/lbctl/.
 #[path = "lbctl/output.rs"]
 mod output;
+#[path = "lbctl/stats.rs"]
+mod stats;
+#[path = "lbctl/watch.rs"]
+mod watch;
 
 use std::{
     fmt::Write as _,
@@ -15,12 +19,13 @@ use std::{
 };
 
 use anyhow::{anyhow, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     api::{
         client::Client,
         proto::{
-            ApplyRequest, ChangeRequest, DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_SOCKET, FlowsQuery,
+            self, ApplyRequest, ChangeRequest, DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_SOCKET,
+            FlowsQuery,
         },
     },
     change::Change,
@@ -83,6 +88,61 @@ enum Command {
     },
     /// Print the running settings and VIPs as a config file.
     Export,
+    /// Traffic per VIP and per backend: packet, byte and new-flow rates, totals, live flows.
+    Stats {
+        /// A flow not seen for this long is not counted [default: lbd's, 60]
+        #[arg(long, value_name = "SECS")]
+        idle_timeout: Option<u64>,
+        /// Redraw every --interval until Ctrl-C (with --json: one JSON object per line).
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between --watch readings, e.g. 2 or 0.5 (lbd averages rates over at least 1 s)
+        #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_interval)]
+        interval: Duration,
+        /// With --watch: stop after N readings.
+        #[arg(
+            long,
+            value_name = "N",
+            requires = "watch",
+            value_parser = clap::value_parser!(u64).range(1..)
+        )]
+        count: Option<u64>,
+    },
+    /// Switch the data plane's per-packet debug logging on or off, or show whether it is on.
+    Debug {
+        #[arg(value_enum)]
+        switch: DebugSwitch,
+    },
+}
+
+/// `lbctl debug`'s argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DebugSwitch {
+    /// Log each packet's decision (costs CPU on every packet).
+    On,
+    /// Stop logging (the default).
+    Off,
+    /// Show whether it is on.
+    Status,
+}
+
+/// Shortest `stats --interval`: a shorter one would only load lbd.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// `stats --interval`: seconds, decimals allowed.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let interval = Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if interval < MIN_INTERVAL {
+        return Err(format!(
+            "{s:?} is too short: at least {} s",
+            MIN_INTERVAL.as_secs_f64()
+        ));
+    }
+    Ok(interval)
 }
 
 /// Health-check flags of `vip add`, `backend add`, `vip check` and `backend check`.
@@ -353,6 +413,40 @@ async fn execute(client: &Client, command: Command, json: bool) -> anyhow::Resul
             };
             print(&config.to_toml())
         }
+        Command::Stats {
+            idle_timeout,
+            watch,
+            interval,
+            count,
+        } => {
+            let request = watch::StatsRequest {
+                idle_timeout,
+                json,
+                watch: watch.then_some(watch::Watch { count }),
+                interval,
+            };
+            watch::run(client, request).await
+        }
+        Command::Debug { switch } => debug(client, switch, json).await,
+    }
+}
+
+/// `lbctl debug on|off|status`: sets or reads the switch, prints where it is.
+async fn debug(client: &Client, switch: DebugSwitch, json: bool) -> anyhow::Result<()> {
+    let debug = match switch {
+        DebugSwitch::Status => client.debug().await?,
+        DebugSwitch::On | DebugSwitch::Off => {
+            client
+                .set_debug(proto::Debug {
+                    data_plane: switch == DebugSwitch::On,
+                })
+                .await?
+        }
+    };
+    if json {
+        print_json(&debug)
+    } else {
+        print(&stats::debug_line(debug))
     }
 }
 
@@ -640,6 +734,51 @@ mod tests {
                 },
             ),
             ("lbctl export", Command::Export),
+            (
+                "lbctl stats",
+                Command::Stats {
+                    idle_timeout: None,
+                    watch: false,
+                    interval: Duration::from_secs(1),
+                    count: None,
+                },
+            ),
+            (
+                "lbctl stats --watch --interval 0.5 --count 3 --idle-timeout 5",
+                Command::Stats {
+                    idle_timeout: Some(5),
+                    watch: true,
+                    interval: Duration::from_millis(500),
+                    count: Some(3),
+                },
+            ),
+            (
+                "lbctl stats --interval 2",
+                Command::Stats {
+                    idle_timeout: None,
+                    watch: false,
+                    interval: Duration::from_secs(2),
+                    count: None,
+                },
+            ),
+            (
+                "lbctl debug on",
+                Command::Debug {
+                    switch: DebugSwitch::On,
+                },
+            ),
+            (
+                "lbctl debug off",
+                Command::Debug {
+                    switch: DebugSwitch::Off,
+                },
+            ),
+            (
+                "lbctl debug status",
+                Command::Debug {
+                    switch: DebugSwitch::Status,
+                },
+            ),
         ];
         for (line, want) in cases {
             let args = parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
@@ -697,6 +836,28 @@ mod tests {
                 "lbctl backend drain 10.0.0.1:80/tcp 10.1.0.1 --timeout 5",
                 "the following required arguments were not provided:\n  --wait",
             ),
+            (
+                "lbctl stats --count 2",
+                "the following required arguments were not provided:\n  --watch",
+            ),
+            (
+                "lbctl stats --watch --count 0",
+                "invalid value '0' for '--count <N>'",
+            ),
+            (
+                "lbctl stats --interval 0.05",
+                "invalid value '0.05' for '--interval <SECS>': \"0.05\" is too short: at least 0.1 s",
+            ),
+            (
+                "lbctl stats --interval soon",
+                "invalid value 'soon' for '--interval <SECS>': \"soon\" is not a number of seconds",
+            ),
+            ("lbctl stats --interval -1", "unexpected argument '-1'"),
+            (
+                "lbctl stats --interval inf",
+                "invalid value 'inf' for '--interval <SECS>': \"inf\" is not a number of seconds",
+            ),
+            ("lbctl debug maybe", "invalid value 'maybe' for '<SWITCH>'"),
         ] {
             let e = error(line);
             assert!(e.contains(want), "{line}:\ngot  {e}\nwant {want}");
@@ -713,6 +874,7 @@ mod tests {
             ),
             ("lbctl apply", ErrorKind::MissingRequiredArgument),
             ("lbctl export extra", ErrorKind::UnknownArgument),
+            ("lbctl debug", ErrorKind::MissingRequiredArgument),
         ] {
             assert_eq!(parse(line).expect_err(line).kind(), kind, "{line}");
         }

@@ -84,8 +84,13 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // lb_xdp's records (DEBUG) exist only while the data-plane debug switch is on, so they are
+    // shown unless RUST_LOG says something about `lb_xdp`: turning the switch on is enough.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("lb_xdp")) {
+        filter = filter.add_directive("lb_xdp=debug".parse().context("lb_xdp log directive")?);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -8,6 +8,7 @@
 mod batch;
 mod counters;
 mod hc;
+mod log;
 mod upgrade;
 
 use std::{
@@ -111,6 +112,8 @@ pub struct KernelDataPlane {
     tx_ports: DevMapHash<MapData>,
     flows: Arc<KernelFlows>,
     counters: Arc<KernelCounters>,
+    /// Reads `lb_xdp`'s debug log (`None` when it cannot, see `kernel/log.rs`).
+    _log: Option<log::LogReader>,
 }
 
 /// A read handle on `LB_FLOWS` (its own descriptor), shareable with a blocking scan task.
@@ -200,6 +203,9 @@ impl KernelDataPlane {
         // A pinned map keeps the size it was created with; the allocator must use that one.
         let ring_pool_size = max_entries(&ebpf, maps::RINGS)?;
         let flows = KernelFlows::new(&ebpf)?;
+        // Takes AYA_LOGS out of `ebpf`, as the maps below are; follows the program in the
+        // links attach pins (or an upgrade replaces).
+        let log = log::start(&mut ebpf, opts.pin_dir.join("links"));
         Ok(Self {
             vips: take_typed(&mut ebpf, maps::VIPS)?,
             vip_addrs: take_typed(&mut ebpf, maps::VIP_ADDRS)?,
@@ -211,6 +217,7 @@ impl KernelDataPlane {
             flows: Arc::new(flows),
             counters: Arc::new(KernelCounters::take(&mut ebpf)?),
             pin_dir: opts.pin_dir.clone(),
+            _log: log,
             ebpf,
         })
     }

@@ -172,13 +172,13 @@ fn dash() -> String {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Align {
+pub enum Align {
     Left,
     Right,
 }
 
 /// Columns two spaces apart, each as wide as its widest cell; no trailing spaces.
-fn table(columns: &[(&str, Align)], rows: &[Vec<String>]) -> String {
+pub fn table(columns: &[(&str, Align)], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = columns.iter().map(|(h, _)| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
