@@ -16,6 +16,7 @@ pub mod nexthop;
 pub mod reconcile;
 pub mod ring_pool;
 pub mod store;
+pub mod units;
 
 /// The gateway's eBPF object: programs `lb_xdp` and `lb_hc_encap` (tc egress, tunnel health
 /// checks) and every `LB_*` map except `LB_DECAP_VIPS`.

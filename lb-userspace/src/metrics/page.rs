@@ -18,13 +18,15 @@
 //! - `#rate-interval[data-value]`, `#live[data-refreshes]` (counts the script's refreshes),
 //!   `#stale` (hidden unless the last refresh failed).
 
-mod format;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeSet;
 
-use crate::api::proto::{BackendState, BackendStats, Stats, Traffic, VipStats};
+use crate::{
+    api::proto::{BackendState, BackendStats, Stats, Traffic, VipStats},
+    units,
+};
 
 /// Seconds between reloads of the page when JavaScript is off.
 pub const RELOAD_SECS: u32 = 5;
@@ -186,8 +188,8 @@ fn summary(h: &mut Html, stats: &Stats) {
     h.text(&format!(
         "{} VIPs · {active}/{total} backends active · {} live flows · {} packets/s",
         stats.vips.len(),
-        format::count(flows as f64),
-        format::count(pps)
+        units::count(flows as f64),
+        units::count(pps)
     ));
     h.close("span");
 }
@@ -273,10 +275,10 @@ fn backend_row(h: &mut Html, vip: &str, b: &BackendStats) {
     if let Some(r) = &b.health {
         h.cell("health", Some(health), Some(&r.check), health);
         let since = r.since_secs.to_string();
-        h.cell("since", Some(&since), None, &format::duration(r.since_secs));
+        h.cell("since", Some(&since), None, &units::duration(r.since_secs));
         let last = r.last.as_deref().unwrap_or("no check yet");
         let text = match r.last_latency_us {
-            Some(us) => format!("{last} · {}", format::latency(us)),
+            Some(us) => format!("{last} · {}", units::latency(us)),
             None => last.to_owned(),
         };
         h.cell("last", None, Some(&format!("{}: {last}", r.check)), &text);
@@ -285,7 +287,7 @@ fn backend_row(h: &mut Html, vip: &str, b: &BackendStats) {
         h.cell("since", None, None, "");
         h.cell("last", None, None, "");
     }
-    h.total_cell("flows", b.flows, &format::count(b.flows as f64));
+    h.total_cell("flows", b.flows, &units::count(b.flows as f64));
     traffic_cells(h, &b.traffic);
     h.raw("</tr>\n");
 }
@@ -330,7 +332,7 @@ fn total_row(h: &mut Html, vip: &VipStats, idle_timeout_secs: u64) {
         "flows",
         Some(&exact),
         Some(&title),
-        &format::count(flows as f64),
+        &units::count(flows as f64),
     );
     traffic_cells(h, &vip.traffic);
     h.raw("</tr>\n");
@@ -341,17 +343,17 @@ fn traffic_cells(h: &mut Html, t: &Traffic) {
         "pps",
         Some(&t.packets_per_sec.to_string()),
         None,
-        &format::count(t.packets_per_sec),
+        &units::count(t.packets_per_sec),
     );
     h.cell(
         "bps",
         Some(&t.bytes_per_sec.to_string()),
         None,
-        &format!("{}/s", format::bytes(t.bytes_per_sec)),
+        &format!("{}/s", units::bytes(t.bytes_per_sec)),
     );
-    h.total_cell("packets", t.packets, &format::count(t.packets as f64));
-    h.total_cell("bytes", t.bytes, &format::bytes(t.bytes as f64));
-    h.total_cell("new-flows", t.new_flows, &format::count(t.new_flows as f64));
+    h.total_cell("packets", t.packets, &units::count(t.packets as f64));
+    h.total_cell("bytes", t.bytes, &units::bytes(t.bytes as f64));
+    h.total_cell("new-flows", t.new_flows, &units::count(t.new_flows as f64));
 }
 
 /// One `name | value` table of the data-plane cards: rows of (key, label, count, text).
@@ -378,7 +380,7 @@ fn counter_table<'a>(
 
 fn global(h: &mut Html, stats: &Stats) {
     let g = &stats.global;
-    let packets = |n: u64| (n, format::count(n as f64));
+    let packets = |n: u64| (n, units::count(n as f64));
     counter_table(
         h,
         "actions",
@@ -393,11 +395,11 @@ fn global(h: &mut Html, stats: &Stats) {
     let used = if ft.capacity > 0 {
         format!(
             "{} ({:.1}%)",
-            format::count(ft.entries as f64),
+            units::count(ft.entries as f64),
             ft.entries as f64 * 100.0 / ft.capacity as f64
         )
     } else {
-        format::count(ft.entries as f64)
+        units::count(ft.entries as f64)
     };
     counter_table(
         h,
@@ -410,25 +412,25 @@ fn global(h: &mut Html, stats: &Stats) {
                 "capacity",
                 "capacity",
                 ft.capacity,
-                format::count(ft.capacity as f64),
+                units::count(ft.capacity as f64),
             ),
             (
                 "hits",
                 "hits",
                 g.flow_hits,
-                format::count(g.flow_hits as f64),
+                units::count(g.flow_hits as f64),
             ),
             (
                 "misses",
                 "misses",
                 g.flow_misses,
-                format::count(g.flow_misses as f64),
+                units::count(g.flow_misses as f64),
             ),
             (
                 "new-flows",
                 "new flows",
                 g.new_flows,
-                format::count(g.new_flows as f64),
+                units::count(g.new_flows as f64),
             ),
         ],
     );

@@ -3,7 +3,10 @@
 
 use std::fmt::Write as _;
 
-use lb_userspace::api::proto::{Debug, GlobalStats, Stats, Traffic};
+use lb_userspace::{
+    api::proto::{Debug, GlobalStats, Stats, Traffic},
+    units::{bytes, count},
+};
 
 use crate::output::{Align, plural, table};
 
@@ -151,55 +154,6 @@ pub fn debug_line(debug: Debug) -> String {
     }
 }
 
-/// A count or rate with an SI prefix: `0`, `12.5`, `1.23k`, `45.6M`.
-pub fn count(value: f64) -> String {
-    let (number, prefix) = si(value);
-    format!("{number}{prefix}")
-}
-
-/// Bytes with an SI prefix: `0 B`, `512 B`, `1.23 kB`, `45.6 MB`.
-pub fn bytes(value: f64) -> String {
-    let (number, prefix) = si(value);
-    format!("{number} {prefix}B")
-}
-
-/// SI prefixes from 1000 up (`u64::MAX` is 18.4 E).
-const PREFIXES: [&str; 6] = ["k", "M", "G", "T", "P", "E"];
-
-/// `value` as three significant digits and an SI prefix (1000 apart); below 1000, whole
-/// numbers as they are and fractions with one decimal.
-fn si(value: f64) -> (String, &'static str) {
-    let value = if value.is_finite() && value > 0.0 {
-        value
-    } else {
-        0.0
-    };
-    // Below 999.95 one decimal cannot round up to 1000.0.
-    if value < 999.95 {
-        let number = if value.fract() == 0.0 {
-            format!("{value:.0}")
-        } else {
-            format!("{value:.1}")
-        };
-        return (number, "");
-    }
-    let mut m = value / 1000.0;
-    let mut i = 0;
-    // 999.5 and up would print as 1000 with no decimals: the next prefix says it better.
-    while m >= 999.5 && i + 1 < PREFIXES.len() {
-        m /= 1000.0;
-        i += 1;
-    }
-    let number = if m < 9.995 {
-        format!("{m:.2}")
-    } else if m < 99.95 {
-        format!("{m:.1}")
-    } else {
-        format!("{m:.0}")
-    };
-    (number, PREFIXES[i])
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -345,39 +299,6 @@ XDP actions: drop 7, pass 31, redirect 0, tx 1235566; drops: none
             "{}",
             stats_table(&stats)
         );
-    }
-
-    #[test]
-    fn human_units() {
-        for (value, want) in [
-            (0.0, "0"),
-            (-3.0, "0"),
-            (f64::NAN, "0"),
-            (7.0, "7"),
-            (0.04, "0.0"),
-            (12.5, "12.5"),
-            (999.0, "999"),
-            (999.94, "999.9"),
-            (999.95, "1.00k"),
-            (1_000.0, "1.00k"),
-            (1_234.0, "1.23k"),
-            (9_994.0, "9.99k"),
-            (9_995.0, "10.0k"),
-            (99_949.0, "99.9k"),
-            (99_950.0, "100k"),
-            (999_499.0, "999k"),
-            (999_500.0, "1.00M"),
-            (45_600_000.0, "45.6M"),
-            (3.2e9, "3.20G"),
-            (1e21, "1000E"),
-        ] {
-            assert_eq!(count(value), want, "{value}");
-        }
-        assert_eq!(bytes(0.0), "0 B");
-        assert_eq!(bytes(512.0), "512 B");
-        assert_eq!(bytes(1_536.0), "1.54 kB");
-        assert_eq!(bytes(1_200_000.0), "1.20 MB");
-        assert_eq!(bytes(u64::MAX as f64), "18.4 EB");
     }
 
     #[test]

@@ -28,28 +28,27 @@
     return e;
   }
 
-  // format.rs, in JavaScript.
-  const significant = (v) => (v < 10 ? v.toFixed(2) : v < 100 ? v.toFixed(1) : v.toFixed(0));
-  function bytes(n) {
-    const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let v = Math.max(n, 0);
-    let unit = 0;
-    while (v >= 1024 && unit < units.length - 1) {
-      v /= 1024;
-      unit += 1;
+  // lb_userspace::units, in JavaScript: SI prefixes, three significant digits.
+  const threeDigits = (v) => (v < 9.995 ? v.toFixed(2) : v < 99.95 ? v.toFixed(1) : v.toFixed(0));
+  const PREFIXES = ["k", "M", "G", "T", "P", "E"];
+  function si(value) {
+    const v = Number.isFinite(value) && value > 0 ? value : 0;
+    if (v < 999.95) return [Number.isInteger(v) ? v.toFixed(0) : v.toFixed(1), ""];
+    let m = v / 1000;
+    let i = 0;
+    while (m >= 999.5 && i + 1 < PREFIXES.length) {
+      m /= 1000;
+      i += 1;
     }
-    return unit === 0 ? `${v.toFixed(0)} B` : `${significant(v)} ${units[unit]}`;
+    return [threeDigits(m), PREFIXES[i]];
   }
   function count(n) {
-    const units = ["", " k", " M", " G", " T"];
-    let v = Math.max(n, 0);
-    if (v < 1000) return Math.abs(v - Math.round(v)) < 0.05 ? v.toFixed(0) : v.toFixed(1);
-    let unit = 0;
-    while (v >= 1000 && unit < units.length - 1) {
-      v /= 1000;
-      unit += 1;
-    }
-    return significant(v) + units[unit];
+    const [number, prefix] = si(n);
+    return number + prefix;
+  }
+  function bytes(n) {
+    const [number, prefix] = si(n);
+    return `${number} ${prefix}B`;
   }
   function duration(secs) {
     const d = Math.floor(secs / 86400);
@@ -61,7 +60,7 @@
     if (secs < 86400) return `${h} h ${m} m`;
     return `${d} d ${h} h`;
   }
-  const latency = (us) => (us < 1000 ? `${us} µs` : `${significant(us / 1000)} ms`);
+  const latency = (us) => (us < 1000 ? `${us} µs` : `${threeDigits(us / 1000)} ms`);
 
   const cell = (cls, value, title, text) =>
     el("td", { class: cls, "data-value": value, title }, text);
