@@ -32,7 +32,11 @@ use lb_userspace::{
 
 use crate::{
     lbctl::{Lbctl, run_bounded},
-    netns::{Netns, topology::Topology},
+    netns::{
+        Netns,
+        topology::{Topology, TopologyBuilder},
+    },
+    traffic::Server,
 };
 
 /// Per-lbd folders for the control socket and the state file (outside /tmp, like /run/lb).
@@ -382,7 +386,12 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     stream
         .read_to_end(&mut reply)
         .with_context(|| format!("reading the reply to GET {path}"))?;
-    let reply = String::from_utf8(reply).context("reply is not UTF-8")?;
+    parse_http_reply(&String::from_utf8_lossy(&reply))
+}
+
+/// A whole HTTP/1.1 reply (read to the end of a `Connection: close` exchange): its status and
+/// its body, de-chunked.
+pub fn parse_http_reply(reply: &str) -> Result<(u16, String)> {
     let (head, body) = reply
         .split_once("\r\n\r\n")
         .with_context(|| format!("no end of headers in {reply:?}"))?;
@@ -622,5 +631,47 @@ impl DataPath {
             handles.push(handle);
         }
         Ok(Self { _handles: handles })
+    }
+}
+
+/// A topology ready for lbd: backends that decapsulate ([`DataPath`]) and each serve `port`
+/// ([`Server`], answering with its name). What most end-to-end tests start from.
+pub struct ServedTopology {
+    // Dropped in this order: servers, then programs, then the namespaces.
+    pub servers: Vec<Server>,
+    _datapath: DataPath,
+    pub topo: Topology,
+    pub port: u16,
+    pub mode: AttachMode,
+}
+
+impl ServedTopology {
+    pub fn build(builder: TopologyBuilder, mode: AttachMode, port: u16) -> Result<Self> {
+        let topo = builder.build()?;
+        let datapath = DataPath::attach(&topo, mode, &[IpAddr::V4(topo.vip)])?;
+        let servers = topo
+            .backends
+            .iter()
+            .map(|b| Server::start(&b.ns, &b.name, port))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            servers,
+            _datapath: datapath,
+            topo,
+            port,
+            mode,
+        })
+    }
+
+    /// lbd on the gateway with one VIP on the port, over every backend at weight 100.
+    pub fn start_lbd(&self) -> Result<Lbd<'_>> {
+        let config = render_config(&[VipConfig::for_topology(&self.topo, self.port)]);
+        let gw = self.topo.gw();
+        Lbd::start(&gw.ns, &gw.ifaces(), self.mode, &config)
+    }
+
+    /// Where clients connect: the VIP and the port.
+    pub fn target(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(IpAddr::V4(self.topo.vip), self.port)
     }
 }

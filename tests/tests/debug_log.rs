@@ -38,10 +38,10 @@ use lb_tests::{
         wire,
     },
     bpf::{self, Run, TEST_RUN_IFINDEX, XDP_DROP, XDP_PASS, XDP_TX},
-    lb::{DataPath, Lbd, VipConfig, render_config},
+    lb::{Lbd, ServedTopology},
     netns::topology::Topology,
     packet::{self, ETH_P_IP, GATEWAY_MAC, IP_MF, IPPROTO_TCP, Ipv4, TCP_ACK, TCP_FIN, TCP_SYN},
-    traffic::{Server, who},
+    traffic::who,
 };
 use lb_userspace::{api::proto::Debug, dataplane::kernel::AttachMode};
 
@@ -416,20 +416,14 @@ fn lbd_logs_decisions_only_while_switched_on() {
     if !bpf::is_root("namespaces and XDP") {
         return;
     }
-    let topo = Topology::one_arm("dbgl")
-        .backends(2)
-        .build()
-        .expect("topology");
-    let vip = IpAddr::V4(topo.vip);
-    let _datapath = DataPath::attach(&topo, AttachMode::Generic, &[vip]).expect("lb_decap");
-    let _servers: Vec<Server> = topo
-        .backends
-        .iter()
-        .map(|b| Server::start(&b.ns, &b.name, PORT).expect("backend server"))
-        .collect();
-    let config = render_config(&[VipConfig::for_topology(&topo, PORT)]);
-    let gw = topo.gw();
-    let lbd = Lbd::start(&gw.ns, &gw.ifaces(), AttachMode::Generic, &config).expect("lbd");
+    let bed = ServedTopology::build(
+        Topology::one_arm("dbgl").backends(2),
+        AttachMode::Generic,
+        PORT,
+    )
+    .expect("topology");
+    let lbd = bed.start_lbd().expect("lbd");
+    let topo = &bed.topo;
     let result = switch_on_and_off(&topo, &lbd);
     lbd.finish(result, |_| false);
 }

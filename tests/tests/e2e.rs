@@ -9,9 +9,9 @@ use std::{
 };
 
 use lb_tests::{
-    lb::{DataPath, Lbd, VipConfig, render_config},
+    lb::ServedTopology,
     netns::topology::Topology,
-    traffic::{Server, download, upload, who},
+    traffic::{download, upload, who},
 };
 use lb_userspace::dataplane::kernel::AttachMode;
 
@@ -27,18 +27,10 @@ fn balance_and_integrity(label: &str, two_arm: bool, mode: AttachMode) {
     } else {
         Topology::one_arm(label)
     };
-    let topo = builder.backends(3).build().expect("topology");
+    let bed = ServedTopology::build(builder.backends(3), mode, PORT).expect("topology");
+    let (topo, servers) = (&bed.topo, &bed.servers);
     let vip = IpAddr::V4(topo.vip);
-    let _datapath = DataPath::attach(&topo, mode, &[vip]).expect("backend programs");
-    let servers: Vec<Server> = topo
-        .backends
-        .iter()
-        .map(|b| Server::start(&b.ns, &b.name, PORT).expect("backend server"))
-        .collect();
-
-    let config = render_config(&[VipConfig::for_topology(&topo, PORT)]);
-    let gw = topo.gw();
-    let lbd = Lbd::start(&gw.ns, &gw.ifaces(), mode, &config).expect("lbd");
+    let lbd = bed.start_lbd().expect("lbd");
 
     let target = SocketAddr::new(vip, PORT);
     let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
@@ -49,7 +41,7 @@ fn balance_and_integrity(label: &str, two_arm: bool, mode: AttachMode) {
         *per_backend.entry(name).or_default() += 1;
     }
     let even = CONNECTIONS as f64 / servers.len() as f64;
-    for s in &servers {
+    for s in servers {
         let got = per_backend.get(s.name()).copied().unwrap_or(0);
         assert!(
             (0.7 * even..=1.3 * even).contains(&(got as f64)),

@@ -15,10 +15,9 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use lb_tests::{
     chatter::{Chatter, DEFAULT_INTERVAL},
-    lb::{DataPath, Lbd, VipConfig, render_config},
+    lb::{Lbd, ServedTopology},
     lbctl::{Lbctl, RUN_TIMEOUT, run_bounded},
     netns::topology::Topology,
-    traffic::Server,
 };
 use lb_userspace::{
     api::proto::{Debug, Stats, VipStats},
@@ -34,20 +33,14 @@ const INTERRUPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[test]
 fn stats_and_debug() {
-    let topo = Topology::one_arm("lst")
-        .backends(3)
-        .build()
-        .expect("topology");
-    let vip = IpAddr::V4(topo.vip);
-    let _datapath = DataPath::attach(&topo, AttachMode::Native, &[vip]).expect("backend programs");
-    let _servers: Vec<Server> = topo
-        .backends
-        .iter()
-        .map(|b| Server::start(&b.ns, &b.name, PORT).expect("backend server"))
-        .collect();
-    let config = render_config(&[VipConfig::for_topology(&topo, PORT)]);
-    let gw = topo.gw();
-    let lbd = Lbd::start(&gw.ns, &gw.ifaces(), AttachMode::Native, &config).expect("lbd");
+    let bed = ServedTopology::build(
+        Topology::one_arm("lst").backends(3),
+        AttachMode::Native,
+        PORT,
+    )
+    .expect("topology");
+    let lbd = bed.start_lbd().expect("lbd");
+    let topo = &bed.topo;
     lbd.finish(body(&topo, &lbd), |_| false);
 }
 

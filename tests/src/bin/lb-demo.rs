@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: the load balancer on a throwaway namespace topology. A client, a gateway
 //! running lbd with `lb_xdp` in native mode, and three backends that decapsulate with `lb_decap`
 //! and run a small HTTP server; real HTTP requests (curl) go to the VIP and the demo prints
-//! which backend answered each. Everything is torn down at the end, also on failure.
+//! which backend answered each; then it drains a backend, and shows `lbctl stats` and the
+//! per-VIP and per-backend packet counters of `/metrics`. Everything is torn down at the end,
+//! also on failure.
 
 use std::{
     collections::BTreeMap,
@@ -11,9 +13,8 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use lb_tests::{
-    lb::{DataPath, Lbd, VipConfig, render_config},
+    lb::{ServedTopology, VipConfig, render_config},
     netns::topology::Topology,
-    traffic::Server,
 };
 use lb_userspace::dataplane::kernel::AttachMode;
 
@@ -32,7 +33,12 @@ fn main() -> ExitCode {
 
 fn demo() -> Result<()> {
     println!("== building the topology: client, gateway gw0, backend1..3 on one bridge");
-    let topo = Topology::one_arm("demo").backends(3).build()?;
+    let bed = ServedTopology::build(
+        Topology::one_arm("demo").backends(3),
+        AttachMode::Native,
+        PORT,
+    )?;
+    let topo = &bed.topo;
     let vip = IpAddr::V4(topo.vip);
     println!("   client   {}", topo.client.ip());
     println!(
@@ -43,17 +49,11 @@ fn demo() -> Result<()> {
         println!("   {} {} (VIP on lo, lb_decap on eth0)", b.name, b.ip());
     }
 
-    let _datapath = DataPath::attach(&topo, AttachMode::Native, &[vip])?;
-    let _servers: Vec<Server> = topo
-        .backends
-        .iter()
-        .map(|b| Server::start(&b.ns, &b.name, PORT))
-        .collect::<Result<_>>()?;
-
-    let config = render_config(&[VipConfig::for_topology(&topo, PORT)]);
-    println!("\n== lbd config (lb.toml):\n{config}");
-    let gw = topo.gw();
-    let lbd = Lbd::start(&gw.ns, &gw.ifaces(), AttachMode::Native, &config)?;
+    println!(
+        "\n== lbd config (lb.toml):\n{}",
+        render_config(&[VipConfig::for_topology(topo, PORT)])
+    );
+    let lbd = bed.start_lbd()?;
     println!("== lbd is running; its log so far:");
     for line in lbd
         .log()
@@ -99,6 +99,21 @@ fn demo() -> Result<()> {
         *after.entry(body.trim().to_owned()).or_default() += 1;
     }
     println!("== {REQUESTS} more requests, answers per backend: {after:?}");
+
+    // Observability: rates per VIP and backend, and the Prometheus exposition on the
+    // gateway's 127.0.0.1:9100 (the status page is at / there).
+    println!("\n== lbctl stats");
+    print!("{}", indent(&lbctl.ok(["stats"])?));
+    let (status, metrics) = lbd.http_get("/metrics")?;
+    anyhow::ensure!(status == 200, "GET /metrics: {status}");
+    println!(
+        "== GET http://127.0.0.1:9100/metrics (in the gateway's namespace), per-VIP and per-backend packets:"
+    );
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("lb_vip_packets_total") || l.starts_with("lb_backend_packets_total")
+    }) {
+        println!("   {line}");
+    }
     println!("== tearing down (lbd stopped, programs detached, namespaces deleted)");
     Ok(())
 }

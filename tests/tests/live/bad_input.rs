@@ -541,33 +541,5 @@ fn http(socket: &Path, method: &str, path: &str, body: &[u8]) -> Result<(u16, St
     let _ = stream.write_all(body);
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).context("reading the reply")?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no header end in {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("status line {head:?}"))?;
-    let chunked = head.to_lowercase().contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(rest)?
-    } else {
-        rest.to_owned()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut rest: &str) -> Result<String> {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").context("chunk size line")?;
-        let size = usize::from_str_radix(size.trim(), 16).context("chunk size")?;
-        if size == 0 {
-            return Ok(out);
-        }
-        out.push_str(after.get(..size).context("short chunk")?);
-        rest = after.get(size + 2..).context("chunk end")?;
-    }
+    lb_tests::lb::parse_http_reply(&String::from_utf8_lossy(&raw))
 }
