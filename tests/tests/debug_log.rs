@@ -424,7 +424,7 @@ fn lbd_logs_decisions_only_while_switched_on() {
     .expect("topology");
     let lbd = bed.start_lbd().expect("lbd");
     let topo = &bed.topo;
-    let result = switch_on_and_off(&topo, &lbd);
+    let result = switch_on_and_off(topo, &lbd);
     lbd.finish(result, |_| false);
 }
 

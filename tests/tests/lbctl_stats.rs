@@ -41,7 +41,7 @@ fn stats_and_debug() {
     .expect("topology");
     let lbd = bed.start_lbd().expect("lbd");
     let topo = &bed.topo;
-    lbd.finish(body(&topo, &lbd), |_| false);
+    lbd.finish(body(topo, &lbd), |_| false);
 }
 
 fn body(topo: &Topology, lbd: &Lbd) -> Result<()> {
