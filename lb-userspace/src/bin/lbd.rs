@@ -1,7 +1,7 @@
 //! lbd, the load balancer agent: argument parsing and logging setup only; the work is in
 //! `lb_userspace::agent`.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -91,9 +91,11 @@ fn main() -> anyhow::Result<()> {
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("lb_xdp")) {
         filter = filter.add_directive("lb_xdp=debug".parse().context("lb_xdp log directive")?);
     }
+    // Colours only on a terminal: journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if args.log_format == "json" {
         builder.json().init();
     } else {
