@@ -63,10 +63,10 @@ impl Switch {
 pub enum Choice {
     /// The flow table's pin still holds.
     Hit,
-    /// A TCP SYN without a flow entry: the VIP's Maglev table picked.
+    /// A TCP SYN or a UDP datagram without a flow entry: the VIP's Maglev table picked.
     New,
-    /// Any other packet without a valid flow entry (after a restart, on another host, after
-    /// its backend went away, or a UDP flow's first packet): re-hashed through Maglev.
+    /// Any other TCP packet without a valid flow entry (the flow began on another host, or its
+    /// backend or entry went away): re-hashed through Maglev.
     Rehash,
 }
 
