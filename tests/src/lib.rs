@@ -1,6 +1,7 @@
 //! Test support: namespace topologies, traffic generators, program test-run fixtures.
 
 pub mod balancer;
+pub mod bench;
 pub mod bpf;
 pub mod browser;
 pub mod chatter;
