@@ -1,7 +1,8 @@
 //! Builds the eBPF objects (lb-ebpf) for bpfel-unknown-none with the nightly toolchain and
 //! bpf-linker, and hands them to `include_bytes_aligned!` through `OUT_DIR`: `bpf-balancer` (the
-//! balancer and its maps) and `bpf-decap` (backend-side programs and their one map). Set
-//! `LB_EBPF_DIR=/path/to/folder` (holding `bpf-balancer` and `bpf-decap`) to embed prebuilt objects.
+//! balancer and its maps), `bpf-decap` (backend-side programs and their one map) and `bpf-bench`
+//! (the benchmark's reset program). Set `LB_EBPF_DIR=/path/to/folder` (holding all three) to
+//! embed prebuilt objects.
 
 use std::{
     env,
@@ -10,7 +11,11 @@ use std::{
 };
 
 /// (bin target, cargo feature that gives it its maps and stages).
-const OBJECTS: [(&str, &str); 2] = [("bpf-balancer", "balancer"), ("bpf-decap", "decap")];
+const OBJECTS: [(&str, &str); 3] = [
+    ("bpf-balancer", "balancer"),
+    ("bpf-decap", "decap"),
+    ("bpf-bench", "bench"),
+];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LB_EBPF_DIR");

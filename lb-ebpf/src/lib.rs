@@ -1,5 +1,6 @@
-//! Stage modules of the data plane, shared by the two objects built from `src/bin`: `bpf-balancer` (the
-//! balancer, feature `balancer`) and `bpf-decap` (backend-side decapsulation, feature `decap`).
+//! Stage modules of the data plane, shared by the objects built from `src/bin`: `bpf-balancer` (the
+//! balancer, feature `balancer`), `bpf-decap` (backend-side decapsulation, feature `decap`) and
+//! `bpf-bench` (`cargo xtask bench`'s packet-reset program, feature `bench`).
 //! One module per stage; the bins only wire the stages together.
 #![no_std]
 // Inlining is how BPF code stays verifiable and cheap: a map reference stays a load-time

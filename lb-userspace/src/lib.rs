@@ -28,3 +28,9 @@ pub fn lb_object() -> &'static [u8] {
 pub fn decap_object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf-decap.o"))
 }
+
+/// The benchmark's object: `bench_reset` (restores a template frame on every test-run repeat,
+/// then tail-calls the program in `BENCH_PROGS`) and `bench_pass`, with its own `BENCH_*` maps.
+pub fn bench_object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf-bench.o"))
+}

@@ -1,5 +1,5 @@
-//! Developer entry points: `cargo xtask setup | build | run | test | demo | fmt | clippy |
-//! install`.
+//! Developer entry points: `cargo xtask setup | build | run | test | demo | bench | fmt |
+//! clippy | install`.
 
 mod install;
 mod setup;
@@ -46,6 +46,15 @@ enum Cmd {
         #[arg(last = true, value_name = "DEMO_ARGS")]
         args: Vec<String>,
     },
+    /// Set up, build in release mode, then run the benchmarks (lb-bench, needs root): a
+    /// Markdown table on stdout, JSON in target/bench/.
+    Bench {
+        /// Short runs (10x fewer repeats, the smaller Maglev size).
+        #[arg(long)]
+        quick: bool,
+        #[arg(last = true, value_name = "BENCH_ARGS")]
+        args: Vec<String>,
+    },
     /// Format the whole workspace (`--check` only reports).
     Fmt {
         #[arg(long)]
@@ -66,6 +75,7 @@ fn main() -> ExitCode {
         Cmd::Run { release, args } => tasks::run_lbd(release, &args),
         Cmd::Test(args) => tasks::test(&args),
         Cmd::Demo { release, args } => tasks::demo(release, &args),
+        Cmd::Bench { quick, args } => tasks::bench(quick, &args),
         Cmd::Fmt { check } => tasks::fmt(check),
         Cmd::Clippy => tasks::clippy(),
         Cmd::Install(args) => install::install(&args),

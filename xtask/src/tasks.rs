@@ -1,4 +1,4 @@
-//! Build, run, test and demo: thin sequences of cargo invocations after `setup`.
+//! Build, run, test, demo and bench: thin sequences of cargo invocations after `setup`.
 
 use std::{os::unix::process::CommandExt as _, path::PathBuf, time::Instant};
 
@@ -124,6 +124,30 @@ pub fn demo(release: bool, args: &[String]) -> Result<()> {
     let mut cmd = std::process::Command::new(bin_dir.join("lb-demo"));
     // The demo finds lbd next to itself.
     cmd.args(args);
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("cannot exec `{}`", describe(&cmd)))
+}
+
+/// Release build of lbd and lb-bench, then lb-bench (which writes target/bench/ relative to the
+/// workspace root, where cargo runs xtask).
+pub fn bench(quick: bool, args: &[String]) -> Result<()> {
+    setup(&SetupArgs::default())?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "lb-userspace",
+        "--bins",
+        "-p",
+        NETNS_TEST_CRATE,
+        "--bin",
+        "lb-bench",
+    ]))?;
+    let mut cmd = std::process::Command::new(profile_dir(true).join("lb-bench"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    cmd.arg("--out").arg(target_dir().join("bench")).args(args);
     let err = cmd.exec();
     Err(err).with_context(|| format!("cannot exec `{}`", describe(&cmd)))
 }

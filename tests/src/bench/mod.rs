@@ -25,3 +25,7 @@ pub struct Figure {
     /// How it was measured, in a few words.
     pub note: String,
 }
+
+pub mod maglev;
+pub mod test_run;
+pub mod throughput;

@@ -1,0 +1,465 @@
+//! Per-packet cost of `lb_xdp` with `BPF_PROG_TEST_RUN` and large repeat counts. The kernel
+//! reruns a program on the buffer the previous repeat left (encapsulated, for the forwarding
+//! paths), so `bench_reset` (lb-ebpf's `bpf-bench` object) restores the template frame on every
+//! repeat, optionally gives it a new source address (a new flow), then tail-calls the program
+//! under test. Each figure is net of the same reset program tail-calling `bench_pass` (an
+//! `XDP_PASS` program), measured in the same run with the same rewrite; `bench_pass` run on its
+//! own is the floor.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::{
+    Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
+    maps::{Array, Map, ProgramArray},
+    programs::{ProgramFd, Xdp},
+};
+use lb_common::{
+    Counter, FlowKey, FlowValue, GlobalConfig,
+    keys::{PROTO_TCP, PROTO_UDP},
+    maps,
+};
+
+use super::Figure;
+use crate::{
+    balancer::{ENCAP_MASK, ENCAP_SRC, Lb, VIP, VIP_PORT, backend, flow_key, wire},
+    bpf::{TEST_RUN_IFINDEX, XDP_PASS, XDP_TX, load_program},
+    packet::{self, IPPROTO_TCP, TCP_ACK, TCP_SYN},
+};
+
+/// The length `bench_reset` restores (lb-ebpf/src/bin/bpf-bench.rs).
+const FRAME_LEN: usize = 64;
+const RUNS: usize = 5;
+const RING_SIZE: u32 = 65_537;
+const SLOTS: u32 = 16;
+/// Flows of the spread hit path.
+const SPREAD_FLOWS: u32 = 1 << 20;
+/// Source addresses the reset program counts up from, one range per case.
+const NEW_SYN_SRC: Ipv4Addr = Ipv4Addr::new(10, 16, 0, 0);
+const NEW_ACK_SRC: Ipv4Addr = Ipv4Addr::new(10, 64, 0, 0);
+const SPREAD_SRC: Ipv4Addr = Ipv4Addr::new(10, 128, 0, 0);
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 1), 40_000);
+const NOT_A_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 200), 80);
+
+/// The reset program's object with a program under test in its tail-call slot.
+struct Reset {
+    ebpf: Ebpf,
+}
+
+impl Reset {
+    fn load() -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .load(lb_userspace::bench_object())
+            .context("loading the bpf-bench object")?;
+        load_program(&mut ebpf, "bench_reset");
+        load_program(&mut ebpf, "bench_pass");
+        Ok(Self { ebpf })
+    }
+
+    fn xdp(&self, name: &str) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("{name} in bpf-bench"))?
+            .try_into()?)
+    }
+
+    /// Puts `prog` in the tail-call slot.
+    fn target(&mut self, prog: &ProgramFd) -> Result<()> {
+        let mut progs =
+            ProgramArray::try_from(self.ebpf.map_mut("BENCH_PROGS").context("BENCH_PROGS")?)?;
+        progs.set(0, prog, 0)?;
+        Ok(())
+    }
+
+    /// Targets this object's own `bench_pass`.
+    fn target_pass(&mut self) -> Result<()> {
+        let fd = self.xdp("bench_pass")?.fd()?.try_clone()?;
+        self.target(&fd)
+    }
+
+    /// The frame to restore and how many consecutive source addresses to cycle through from
+    /// its own (0: none; a new one every packet while the count is not reached).
+    fn template(&mut self, frame: &[u8], flows: u32) -> Result<()> {
+        let frame: [u8; FRAME_LEN] = frame
+            .try_into()
+            .with_context(|| format!("bench frames are {FRAME_LEN} bytes, not {}", frame.len()))?;
+        let mut template: Array<_, [u8; FRAME_LEN]> = Array::try_from(
+            self.ebpf
+                .map_mut("BENCH_TEMPLATE")
+                .context("BENCH_TEMPLATE")?,
+        )?;
+        template.set(0, frame, 0)?;
+        let mut count: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut("BENCH_FLOWS").context("BENCH_FLOWS")?)?;
+        count.set(0, flows, 0)?;
+        Ok(())
+    }
+
+    /// Runs `bench_reset` on `frame` `repeat` times: the action and the kernel's mean ns.
+    fn run(&self, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
+        time(self.xdp("bench_reset")?, frame, repeat)
+    }
+}
+
+fn time(prog: &Xdp, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    Ok((result.return_value, result.duration.as_nanos() as f64))
+}
+
+/// (min, median) ns of `RUNS` runs, each checked to end in `action`.
+fn measure(reset: &Reset, frame: &[u8], repeat: u32, action: u32) -> Result<(f64, f64)> {
+    let mut samples = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        let (got, ns) = reset.run(frame, repeat)?;
+        ensure!(got == action, "expected XDP action {action}, got {got}");
+        samples.push(ns);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok((samples[0], samples[RUNS / 2]))
+}
+
+/// `frame` padded with zero payload to `FRAME_LEN` (lengths in the headers cover the padding).
+fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
+    packet::tcp_frame(src, dst, flags, &[0; FRAME_LEN - 54])
+}
+
+fn udp(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    packet::udp_frame(src, dst, &[0; FRAME_LEN - 42])
+}
+
+/// The balancer with a TCP and a UDP VIP over `SLOTS` backends and a flow table of `flows`
+/// entries per CPU (the flow table's LRU lists are per CPU).
+fn balancer(flows: u32) -> Result<Lb> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)? as u32;
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(maps::FLOWS, flows.max(1024) * cpus)
+        .map_max_entries(maps::RINGS, 2 * RING_SIZE)
+        .load(lb_userspace::lb_object())
+        .context("loading the bpf-balancer object")?;
+    load_program(&mut ebpf, maps::PROG_LB);
+    let mut config: Array<_, GlobalConfig> =
+        Array::try_from(ebpf.map_mut(maps::CONFIG).context("LB_CONFIG")?)?;
+    config.set(
+        0,
+        GlobalConfig {
+            encap_src_v4: wire(ENCAP_SRC),
+            encap_src_v4_mask: wire(ENCAP_MASK),
+            ..GlobalConfig::default()
+        },
+        0,
+    )?;
+    let mut lb = Lb {
+        ebpf,
+        ring: Vec::new(),
+    };
+    for slot in 0..SLOTS {
+        lb.set_backend(slot, backend(slot, TEST_RUN_IFINDEX));
+    }
+    let ring: Vec<u32> = (0..RING_SIZE).map(|i| i % SLOTS).collect();
+    lb.add_vip(SocketAddrV4::new(VIP, VIP_PORT), PROTO_TCP, 0, RING_SIZE);
+    lb.set_ring(0, &ring);
+    lb.add_vip(
+        SocketAddrV4::new(VIP, VIP_PORT),
+        PROTO_UDP,
+        RING_SIZE,
+        RING_SIZE,
+    );
+    lb.set_ring(RING_SIZE, &ring);
+    Ok(lb)
+}
+
+fn lb_fd(lb: &Lb) -> Result<ProgramFd> {
+    let prog: &Xdp = lb
+        .ebpf
+        .program(maps::PROG_LB)
+        .context("lb_xdp")?
+        .try_into()?;
+    Ok(prog.fd()?.try_clone()?)
+}
+
+/// `bpf_ktime_get_coarse_ns() >> 30` as the data plane stores last-seen: prefilled flows look
+/// fresh, so the hit path does not refresh them.
+fn coarse_now() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec out-pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE)");
+    let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    (ns >> 30) as u32
+}
+
+/// `bpf_attr` for the `BPF_MAP_*_BATCH` commands.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// Flows per batch call.
+const CHUNK: u32 = 65_536;
+
+/// Inserts `count` established flows from consecutive source addresses at `SPREAD_SRC` with
+/// `BPF_MAP_UPDATE_BATCH` (aya has no batch API).
+fn prefill(lb: &Lb, count: u32) -> Result<()> {
+    let Some(Map::LruHashMap(data)) = lb.ebpf.map(maps::FLOWS) else {
+        bail!("LB_FLOWS is not an LRU hash");
+    };
+    let fd = data.fd().as_fd().as_raw_fd();
+    let now = coarse_now();
+    let base = u32::from(SPREAD_SRC);
+    for start in (0..count).step_by(CHUNK as usize) {
+        let n = CHUNK.min(count - start);
+        let keys: Vec<FlowKey> = (start..start + n)
+            .map(|i| {
+                let src = SocketAddrV4::new(Ipv4Addr::from(base + i), CLIENT.port());
+                flow_key(src, SocketAddrV4::new(VIP, VIP_PORT), IPPROTO_TCP)
+            })
+            .collect();
+        let values: Vec<FlowValue> = (start..start + n)
+            .map(|i| FlowValue {
+                slot: i % SLOTS,
+                generation: 1,
+                last_seen: now,
+                flags: 0,
+            })
+            .collect();
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: n,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: the attr points at `n` keys and values that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("BPF_MAP_UPDATE_BATCH on LB_FLOWS");
+        }
+    }
+    Ok(())
+}
+
+/// One `lb_xdp` case: what it runs and how.
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    /// Source addresses cycled by the reset program (0: the template's only).
+    flows: u32,
+    action: u32,
+    /// The global counter every packet of the case must bump: proof the path is the one named.
+    counter: Counter,
+    /// Inserts fill the flow table: fewer repeats.
+    inserts: bool,
+    target: Option<&'static str>,
+}
+
+/// Measures `cases` on `lb` net of the reset program with the same rewrite into `bench_pass`.
+fn run_cases(reset: &mut Reset, lb: &Lb, cases: &[Case], quick: bool) -> Result<Vec<Figure>> {
+    let scale = if quick { 10 } else { 1 };
+    let mut figures = Vec::new();
+    for case in cases {
+        let repeat = if case.inserts { 100_000 } else { 1_000_000 } / scale;
+        reset.template(&case.frame, case.flows)?;
+        reset.target_pass()?;
+        let (base_min, base_median) = measure(reset, &case.frame, repeat, XDP_PASS)?;
+        reset.target(&lb_fd(lb)?)?;
+        let before = lb.counters()[case.counter as usize];
+        let (min, median) = measure(reset, &case.frame, repeat, case.action)
+            .with_context(|| case.name.to_string())?;
+        let counted = lb.counters()[case.counter as usize] - before;
+        let expected = RUNS as u64 * u64::from(repeat);
+        ensure!(
+            counted == expected,
+            "{}: counter {:?} grew by {counted}, not {expected}: the path taken is not the one named",
+            case.name,
+            case.counter
+        );
+        let rewrite = if case.flows == 0 { "" } else { " + new source" };
+        figures.push(Figure {
+            section: "test_run",
+            name: case.name.to_string(),
+            value: median - base_median,
+            unit: "ns/packet",
+            stats: vec![
+                ("min".into(), min - base_min),
+                ("median".into(), median - base_median),
+                ("gross median".into(), median),
+            ],
+            baseline: Some((format!("reset{rewrite} -> XDP_PASS (median)"), base_median)),
+            target: case.target.map(str::to_string),
+            note: format!("net; {RUNS} runs x repeat {repeat}"),
+        });
+    }
+    Ok(figures)
+}
+
+/// Pins this thread to the CPU it is on: test-run repeats and the per-CPU LRU lists stay on one
+/// CPU, and numbers do not include migrations.
+fn pin_to_current_cpu() -> Result<()> {
+    // SAFETY: plain syscalls on this thread with a zeroed, then filled, cpu set.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        ensure!(cpu >= 0, "sched_getcpu failed");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        ensure!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The trivial program alone (its repeats are idempotent): the floor.
+fn floor(reset: &Reset, quick: bool) -> Result<Figure> {
+    let frame = tcp(CLIENT, NOT_A_VIP, TCP_ACK);
+    let repeat = if quick { 100_000 } else { 1_000_000 };
+    let mut samples = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        let (action, ns) = time(reset.xdp("bench_pass")?, &frame, repeat)?;
+        ensure!(action == XDP_PASS, "bench_pass returned {action}");
+        samples.push(ns);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(Figure {
+        section: "test_run",
+        name: "trivial XDP_PASS program (floor)".into(),
+        value: samples[RUNS / 2],
+        unit: "ns/packet",
+        stats: vec![
+            ("min".into(), samples[0]),
+            ("median".into(), samples[RUNS / 2]),
+        ],
+        baseline: None,
+        target: None,
+        note: format!("raw, not net of anything; {RUNS} runs x repeat {repeat}"),
+    })
+}
+
+/// Every test-run figure; `quick` runs 10x fewer repeats and spreads over 10x fewer flows.
+pub fn run(quick: bool) -> Result<Vec<Figure>> {
+    pin_to_current_cpu()?;
+    let mut reset = Reset::load()?;
+    let vip = SocketAddrV4::new(VIP, VIP_PORT);
+    let mut figures = Vec::new();
+
+    figures.push(floor(&reset, quick)?);
+
+    // Table big enough that the new-flow cases (up to 5 runs x 100,000 inserts) never evict.
+    let lb = balancer(1 << 20)?;
+    // Establish the single-flow cases through the program itself.
+    let ack = tcp(CLIENT, vip, TCP_ACK);
+    ensure!(
+        lb.run(&tcp(CLIENT, vip, TCP_SYN)).action == XDP_TX,
+        "SYN not forwarded"
+    );
+    let udp_frame = udp(CLIENT, vip);
+    ensure!(lb.run(&udp_frame).action == XDP_TX, "UDP not forwarded");
+    let cases = [
+        Case {
+            name: "non-VIP packet (XDP_PASS)",
+            frame: tcp(CLIENT, NOT_A_VIP, TCP_ACK),
+            flows: 0,
+            action: XDP_PASS,
+            counter: Counter::Pass,
+            inserts: false,
+            target: Some("<= 30"),
+        },
+        Case {
+            name: "established flow (hit, IPIP, XDP_TX)",
+            frame: ack,
+            flows: 0,
+            action: XDP_TX,
+            counter: Counter::FlowHits,
+            inserts: false,
+            target: Some("<= 100"),
+        },
+        Case {
+            name: "new flow SYN (Maglev + insert), new 5-tuple per packet",
+            frame: tcp(SocketAddrV4::new(NEW_SYN_SRC, CLIENT.port()), vip, TCP_SYN),
+            flows: u32::MAX,
+            action: XDP_TX,
+            counter: Counter::NewFlows,
+            inserts: true,
+            target: Some("<= 400"),
+        },
+        Case {
+            name: "unknown flow, non-SYN (re-hash), new 5-tuple per packet",
+            frame: tcp(SocketAddrV4::new(NEW_ACK_SRC, CLIENT.port()), vip, TCP_ACK),
+            flows: u32::MAX,
+            action: XDP_TX,
+            counter: Counter::FlowMisses,
+            inserts: true,
+            target: Some("<= 450"),
+        },
+        Case {
+            name: "UDP established flow (hit, XDP_TX)",
+            frame: udp_frame,
+            flows: 0,
+            action: XDP_TX,
+            counter: Counter::FlowHits,
+            inserts: false,
+            target: None,
+        },
+    ];
+    figures.extend(run_cases(&mut reset, &lb, &cases, quick)?);
+    drop(lb);
+
+    let spread = if quick {
+        SPREAD_FLOWS / 10
+    } else {
+        SPREAD_FLOWS
+    };
+    // Room beyond the prefill so nothing is evicted.
+    let lb = balancer(spread + spread / 2)?;
+    prefill(&lb, spread)?;
+    let case = Case {
+        name: if quick {
+            "established flow over 100K flows (hit, cycling)"
+        } else {
+            "established flow over 1M flows (hit, cycling)"
+        },
+        frame: tcp(SocketAddrV4::new(SPREAD_SRC, CLIENT.port()), vip, TCP_ACK),
+        flows: spread,
+        action: XDP_TX,
+        counter: Counter::FlowHits,
+        inserts: false,
+        target: Some("<= 100"),
+    };
+    figures.extend(run_cases(&mut reset, &lb, &[case], quick)?);
+    Ok(figures)
+}
