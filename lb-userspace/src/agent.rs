@@ -440,9 +440,7 @@ impl Agent {
                 idle_timeout,
                 reply,
             } => {
-                let template = self
-                    .control
-                    .status_template(idle_timeout.as_secs(), &self.health_reports());
+                let template = self.status_template(idle_timeout);
                 self.count_flows(idle_timeout, reply, move |counts| Ok(template.fill(counts)));
             }
             Command::Flows {
@@ -462,9 +460,7 @@ impl Agent {
                 idle_timeout,
                 reply,
             } => {
-                let template = self
-                    .control
-                    .status_template(idle_timeout.as_secs(), &self.health_reports());
+                let template = self.status_template(idle_timeout);
                 let counters = self.control.dp().counters();
                 let capacity = u64::from(self.control.dp().flow_table_size());
                 let rates = self.rates.clone();
@@ -491,6 +487,12 @@ impl Agent {
                 }));
             }
         }
+    }
+
+    /// Status without flow counts (a scan fills them in off the loop).
+    fn status_template(&self, idle_timeout: Duration) -> crate::control::StatusTemplate {
+        self.control
+            .status_template(idle_timeout.as_secs(), &self.health_reports())
     }
 
     /// A request refused before it reached the data plane, counted.

@@ -107,6 +107,25 @@ fn test_steps(args: &TestArgs, tally: &mut Tally) -> Result<()> {
 }
 
 pub fn demo(release: bool, args: &[String]) -> Result<()> {
+    // The demo finds lbd next to itself.
+    exec_test_bin("lb-demo", release, args)
+}
+
+/// Release build of lbd and lb-bench, then lb-bench (which writes target/bench/ relative to the
+/// workspace root, where cargo runs xtask).
+pub fn bench(quick: bool, args: &[String]) -> Result<()> {
+    let mut bench_args = Vec::new();
+    if quick {
+        bench_args.push("--quick".to_owned());
+    }
+    bench_args.push("--out".to_owned());
+    bench_args.push(target_dir().join("bench").display().to_string());
+    bench_args.extend_from_slice(args);
+    exec_test_bin("lb-bench", true, &bench_args)
+}
+
+/// Sets up, builds lbd and lb-tests' binary `bin`, then becomes `bin args`.
+fn exec_test_bin(bin: &str, release: bool, args: &[String]) -> Result<()> {
     setup(&SetupArgs::default())?;
     run(cargo()
         .args([
@@ -117,37 +136,11 @@ pub fn demo(release: bool, args: &[String]) -> Result<()> {
             "-p",
             NETNS_TEST_CRATE,
             "--bin",
-            "lb-demo",
+            bin,
         ])
         .args(release_flag(release)))?;
-    let bin_dir = profile_dir(release);
-    let mut cmd = std::process::Command::new(bin_dir.join("lb-demo"));
-    // The demo finds lbd next to itself.
+    let mut cmd = std::process::Command::new(profile_dir(release).join(bin));
     cmd.args(args);
-    let err = cmd.exec();
-    Err(err).with_context(|| format!("cannot exec `{}`", describe(&cmd)))
-}
-
-/// Release build of lbd and lb-bench, then lb-bench (which writes target/bench/ relative to the
-/// workspace root, where cargo runs xtask).
-pub fn bench(quick: bool, args: &[String]) -> Result<()> {
-    setup(&SetupArgs::default())?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "lb-userspace",
-        "--bins",
-        "-p",
-        NETNS_TEST_CRATE,
-        "--bin",
-        "lb-bench",
-    ]))?;
-    let mut cmd = std::process::Command::new(profile_dir(true).join("lb-bench"));
-    if quick {
-        cmd.arg("--quick");
-    }
-    cmd.arg("--out").arg(target_dir().join("bench")).args(args);
     let err = cmd.exec();
     Err(err).with_context(|| format!("cannot exec `{}`", describe(&cmd)))
 }

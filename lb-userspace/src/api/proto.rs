@@ -213,6 +213,31 @@ pub struct BackendStats {
     pub traffic: Traffic,
 }
 
+impl VipStats {
+    /// A VIP's status with traffic: `traffic(None)` is the VIP's, `traffic(Some(addr))` a
+    /// backend's.
+    pub fn from_status(status: VipStatus, traffic: impl Fn(Option<IpAddr>) -> Traffic) -> Self {
+        Self {
+            vip: status.vip,
+            all_down: status.all_down,
+            traffic: traffic(None),
+            backends: status
+                .backends
+                .into_iter()
+                .map(|b| BackendStats {
+                    traffic: traffic(Some(b.address)),
+                    address: b.address,
+                    weight: b.weight,
+                    drain: b.drain,
+                    state: b.state,
+                    flows: b.flows,
+                    health: b.health,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Packets forwarded to a VIP or backend (bytes as received, before encapsulation).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -31,6 +31,7 @@ use aya::{
 use lb_common::{BackendSlot, FlowKey, FlowValue, GlobalConfig, VipKey, VipMeta, maps};
 
 pub use self::upgrade::upgrade;
+pub use batch::update_entries;
 pub use counters::KernelCounters;
 
 use super::{CounterTable, DataPlane, DataPlaneError, FlowTable};

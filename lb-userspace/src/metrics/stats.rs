@@ -7,7 +7,7 @@ use lb_common::{Counter, DropReason, TrafficCounters, stats::COUNTER_COUNT};
 
 use super::{RateKey, RateTracker};
 use crate::{
-    api::proto::{BackendStats, FlowTableStats, GlobalStats, Stats, VipStats},
+    api::proto::{FlowTableStats, GlobalStats, Stats, VipStats},
     control::StatusTemplate,
     dataplane::{CounterTable, DataPlaneError},
     flows::Counts,
@@ -45,23 +45,9 @@ pub fn collect(
     let vips = status
         .vips
         .into_iter()
-        .map(|vip| VipStats {
-            vip: vip.vip,
-            all_down: vip.all_down,
-            traffic: rates.traffic(&(vip.vip, None)),
-            backends: vip
-                .backends
-                .into_iter()
-                .map(|b| BackendStats {
-                    traffic: rates.traffic(&(vip.vip, Some(b.address))),
-                    address: b.address,
-                    weight: b.weight,
-                    drain: b.drain,
-                    state: b.state,
-                    flows: b.flows,
-                    health: b.health,
-                })
-                .collect(),
+        .map(|vip| {
+            let id = vip.vip;
+            VipStats::from_status(vip, |backend| rates.traffic(&(id, backend)))
         })
         .collect();
     Ok(Stats {

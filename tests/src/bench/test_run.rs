@@ -8,7 +8,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -22,6 +22,8 @@ use lb_common::{
     keys::{PROTO_TCP, PROTO_UDP},
     maps,
 };
+
+use lb_userspace::{dataplane::kernel::update_entries, flows::now_tick};
 
 use super::Figure;
 use crate::{
@@ -189,45 +191,16 @@ fn lb_fd(lb: &Lb) -> Result<ProgramFd> {
     Ok(prog.fd()?.try_clone()?)
 }
 
-/// `bpf_ktime_get_coarse_ns() >> 30` as the data plane stores last-seen: prefilled flows look
-/// fresh, so the hit path does not refresh them.
-fn coarse_now() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec out-pointer.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE)");
-    let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    (ns >> 30) as u32
-}
-
-/// `bpf_attr` for the `BPF_MAP_*_BATCH` commands.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 /// Flows per batch call.
 const CHUNK: u32 = 65_536;
 
 /// Inserts `count` established flows from consecutive source addresses at `SPREAD_SRC` with
-/// `BPF_MAP_UPDATE_BATCH` (aya has no batch API).
+/// `BPF_MAP_UPDATE_BATCH`, last seen now (so the hit path does not refresh them).
 fn prefill(lb: &Lb, count: u32) -> Result<()> {
     let Some(Map::LruHashMap(data)) = lb.ebpf.map(maps::FLOWS) else {
         bail!("LB_FLOWS is not an LRU hash");
     };
-    let fd = data.fd().as_fd().as_raw_fd();
-    let now = coarse_now();
+    let now = now_tick();
     let base = u32::from(SPREAD_SRC);
     for start in (0..count).step_by(CHUNK as usize) {
         let n = CHUNK.min(count - start);
@@ -245,29 +218,7 @@ fn prefill(lb: &Lb, count: u32) -> Result<()> {
                 flags: 0,
             })
             .collect();
-        let mut attr = BatchAttr {
-            in_batch: 0,
-            out_batch: 0,
-            keys: keys.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count: n,
-            map_fd: fd as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: the attr points at `n` keys and values that outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("BPF_MAP_UPDATE_BATCH on LB_FLOWS");
-        }
+        update_entries(data.fd().as_fd(), &keys, &values).context("filling LB_FLOWS")?;
     }
     Ok(())
 }

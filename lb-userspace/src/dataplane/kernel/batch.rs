@@ -211,40 +211,46 @@ pub(super) fn update_array<V: Pod>(
     offset: u32,
     values: &[V],
 ) -> Result<(), SyscallError> {
-    let mut keys: Vec<u32> = Vec::with_capacity(CHUNK.min(values.len()));
+    let keys: Vec<u32> = (0..values.len() as u32).map(|i| offset + i).collect();
+    update_entries(fd, &keys, values)
+}
+
+/// Writes `keys[i] -> values[i]` into a map with `BPF_MAP_UPDATE_BATCH`, key by key on kernels
+/// without it. The map's key and value sizes must be those of `K` and `V`.
+pub fn update_entries<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), SyscallError> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
     let mut done = 0;
-    while done < values.len() {
-        let chunk = &values[done..values.len().min(done + CHUNK)];
-        keys.clear();
-        keys.extend((0..chunk.len() as u32).map(|i| offset + done as u32 + i));
+    while done < keys.len() {
+        let end = keys.len().min(done + CHUNK);
         let mut attr = BatchAttr {
             map_fd: fd.as_raw_fd() as u32,
-            keys: ptr(&keys),
-            values: ptr(chunk),
-            count: chunk.len() as u32,
+            keys: ptr(&keys[done..end]),
+            values: ptr(&values[done..end]),
+            count: (end - done) as u32,
             ..BatchAttr::default()
         };
         match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
-            Ok(()) => done += chunk.len(),
-            Err(e) if done == 0 && unsupported(&e) => {
-                return update_array_by_key(fd, offset, values);
-            }
+            Ok(()) => done = end,
+            Err(e) if done == 0 && unsupported(&e) => return update_by_key(fd, keys, values),
             Err(e) => return Err(syscall_error("BPF_MAP_UPDATE_BATCH")(e)),
         }
     }
     Ok(())
 }
 
-fn update_array_by_key<V: Pod>(
+fn update_by_key<K: Pod, V: Pod>(
     fd: BorrowedFd<'_>,
-    offset: u32,
+    keys: &[K],
     values: &[V],
 ) -> Result<(), SyscallError> {
-    for (i, value) in values.iter().enumerate() {
-        let key = offset + i as u32;
+    for (key, value) in keys.iter().zip(values) {
         let mut attr = ElemAttr {
             map_fd: fd.as_raw_fd() as u32,
-            key: std::ptr::from_ref(&key) as u64,
+            key: std::ptr::from_ref(key) as u64,
             value: std::ptr::from_ref(value) as u64,
             ..ElemAttr::default()
         };
@@ -376,7 +382,8 @@ mod tests {
         );
 
         let other: Vec<u32> = (0..100).map(|i| i + 1000).collect();
-        update_array_by_key(rings, 0, &other).unwrap();
+        let keys: Vec<u32> = (0..100).collect();
+        update_by_key(rings, &keys, &other).unwrap();
         assert_eq!(lookup_array::<u32>(rings, 0, 100).unwrap(), other);
         assert_eq!(lookup_array::<u32>(rings, 100, 1).unwrap(), [values[95]]);
     }
