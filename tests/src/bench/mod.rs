@@ -26,6 +26,8 @@ pub struct Figure {
     pub note: String,
 }
 
+pub mod health;
 pub mod maglev;
+pub mod reconfig;
 pub mod test_run;
 pub mod throughput;

@@ -17,9 +17,11 @@ use serde::Serialize;
 type Section = fn(bool) -> Result<Vec<Figure>>;
 
 /// Every section, in the order they run.
-const SECTIONS: [(&str, Section); 3] = [
+const SECTIONS: [(&str, Section); 5] = [
     ("test_run", bench::test_run::run),
     ("maglev", bench::maglev::run),
+    ("reconfig", bench::reconfig::run),
+    ("health", bench::health::run),
     ("throughput", bench::throughput::run),
 ];
 
