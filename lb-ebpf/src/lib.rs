@@ -16,6 +16,7 @@ pub mod egress;
 pub mod encap;
 #[cfg(feature = "balancer")]
 pub mod hc;
+pub mod knockout;
 #[cfg(feature = "balancer")]
 pub mod lookup;
 #[cfg(feature = "balancer")]

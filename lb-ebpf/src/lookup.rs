@@ -8,7 +8,10 @@ use lb_common::{
     keys::{FLOW_F_CLOSED, RING_EMPTY, WireAddr},
 };
 
-use crate::maps::{LB_BACKENDS, LB_CONFIG, LB_FLOWS, LB_RINGS, LB_VIP_ADDRS, LB_VIPS};
+use crate::{
+    knockout,
+    maps::{LB_BACKENDS, LB_CONFIG, LB_FLOWS, LB_RINGS, LB_VIP_ADDRS, LB_VIPS},
+};
 
 /// A backend slot and its index in `LB_BACKENDS`.
 #[derive(Clone, Copy)]
@@ -55,6 +58,9 @@ pub fn config() -> Option<&'static GlobalConfig> {
 /// a closed entry (the client reused the port for a new connection) opens it again.
 #[inline(always)]
 pub fn pinned_backend(flow: &FlowKey, tick: u32, syn: bool, fin_rst: bool) -> Option<Backend> {
+    if knockout::FLOW_LOOKUP {
+        return LB_BACKENDS.get(0).map(|slot| Backend { index: 0, slot });
+    }
     let value = LB_FLOWS.get_ptr_mut(flow)?;
     // SAFETY: a pointer from a successful lookup stays valid for this program run (RCU).
     let (index, generation, last_seen, flags) = unsafe {
@@ -109,6 +115,9 @@ pub fn ring_backend(vip: &VipMeta, hash: u32) -> Result<Backend, DropReason> {
 /// to `backend`, and the next one re-hashes to the same place).
 #[inline(always)]
 pub fn pin_flow(flow: &FlowKey, backend: Backend, tick: u32) -> bool {
+    if knockout::FLOW_INSERT {
+        return true;
+    }
     let value = FlowValue {
         slot: backend.index,
         generation: backend.slot.generation,

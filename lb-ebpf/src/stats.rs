@@ -3,10 +3,16 @@
 
 use lb_common::{Counter, DropReason, TrafficCounters};
 
-use crate::maps::{LB_BACKEND_STATS, LB_GLOBAL_STATS, LB_VIP_STATS};
+use crate::{
+    knockout,
+    maps::{LB_BACKEND_STATS, LB_GLOBAL_STATS, LB_VIP_STATS},
+};
 
 #[inline(always)]
 fn bump(index: u32) {
+    if knockout::STATS {
+        return;
+    }
     if let Some(value) = LB_GLOBAL_STATS.get_ptr_mut(index) {
         // SAFETY: a per-CPU array element of this CPU, valid for the program run.
         unsafe { *value += 1 };
@@ -28,6 +34,9 @@ pub fn count_drop(reason: DropReason) {
 /// Counts one forwarded packet of `bytes` (as received) for its VIP and backend.
 #[inline(always)]
 pub fn count_traffic(vip_id: u32, backend: u32, bytes: u32, new_flow: bool) {
+    if knockout::STATS {
+        return;
+    }
     add(LB_VIP_STATS.get_ptr_mut(vip_id), bytes, new_flow);
     add(LB_BACKEND_STATS.get_ptr_mut(backend), bytes, new_flow);
 }

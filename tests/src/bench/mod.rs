@@ -26,6 +26,7 @@ pub struct Figure {
     pub note: String,
 }
 
+pub mod breakdown;
 pub mod health;
 pub mod maglev;
 pub mod reconfig;

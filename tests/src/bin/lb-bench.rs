@@ -17,8 +17,9 @@ use serde::Serialize;
 type Section = fn(bool) -> Result<Vec<Figure>>;
 
 /// Every section, in the order they run.
-const SECTIONS: [(&str, Section); 5] = [
+const SECTIONS: [(&str, Section); 6] = [
     ("test_run", bench::test_run::run),
+    ("breakdown", bench::breakdown::run),
     ("maglev", bench::maglev::run),
     ("reconfig", bench::reconfig::run),
     ("health", bench::health::run),
