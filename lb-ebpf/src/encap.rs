@@ -7,9 +7,8 @@ use lb_common::{
     hash::ipv4_header_csum,
     keys::{ENCAP_IPIP, FAMILY_V4},
 };
-use network_types::eth::EthHdr;
 
-use crate::parse::{ETH_HLEN, ETH_P_IP, IPPROTO_IPIP, IPV4_HLEN, ptr_at};
+use crate::parse::{ETH_HLEN, ETH_P_IP, IPPROTO_IPIP, IPV4_HLEN, write_words};
 
 const OUTER_TTL: u8 = 64;
 /// Don't-fragment: the outer packet must not be fragmented on the way to the backend.
@@ -42,18 +41,20 @@ pub fn ipip_v4(
         return Err(DropReason::EncapFailed);
     }
     // adjust_head invalidates every packet pointer: bounds are checked again from the new start.
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DropReason::EncapFailed)?;
-    let ip = ptr_at::<[u16; 10]>(ctx, ETH_HLEN).ok_or(DropReason::EncapFailed)?;
-    // SAFETY: both bounds-checked above. Unaligned writes: nothing guarantees the frame's start
-    // is even (the BPF backend splits them into narrower stores).
-    unsafe {
-        eth.write_unaligned(EthHdr {
-            dst_addr: slot.dst_mac,
-            src_addr: slot.src_mac,
-            ether_type: ETH_P_IP.to_be(),
-        });
-        ip.write_unaligned(words);
-    }
+    // Word-wise: see `parse::words_at`.
+    let [d0, d1, d2, d3, d4, d5] = slot.dst_mac;
+    let [s0, s1, s2, s3, s4, s5] = slot.src_mac;
+    let eth = [
+        u16::from_ne_bytes([d0, d1]),
+        u16::from_ne_bytes([d2, d3]),
+        u16::from_ne_bytes([d4, d5]),
+        u16::from_ne_bytes([s0, s1]),
+        u16::from_ne_bytes([s2, s3]),
+        u16::from_ne_bytes([s4, s5]),
+        ETH_P_IP.to_be(),
+    ];
+    write_words(ctx, 0, eth).ok_or(DropReason::EncapFailed)?;
+    write_words(ctx, ETH_HLEN, words).ok_or(DropReason::EncapFailed)?;
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendSlot, FlowKey,
-    hash::flow_hash,
+    hash::encap_entropy,
     keys::{ENCAP_IPIP, FAMILY_V4, PROTO_TCP, PROTO_UDP, SLOT_FREE, SLOT_RETIRED},
     maps::hc_slot,
 };
@@ -90,7 +90,7 @@ fn encap(ctx: &TcContext, index: u32) -> Option<i32> {
     let entropy = if cfg.encap_src_v4_mask == 0 {
         0
     } else {
-        flow_hash(&flow) & cfg.encap_src_v4_mask
+        encap_entropy(&flow) & cfg.encap_src_v4_mask
     };
     let inner = Inner {
         tos: ip[1],

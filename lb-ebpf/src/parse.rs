@@ -64,26 +64,57 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// `N` 16-bit words at the even `offset` from the packet start, or `None` when they do not fit.
+///
+/// Headers are read and written as aligned 16-bit words: LLVM cannot know packet data is
+/// aligned, so through byte-typed views (`network_types`' headers, `write_unaligned`) it splits
+/// every access into single bytes, doubling the instructions of the fast path. Frames start at
+/// an even address: drivers put them at `XDP_PACKET_HEADROOM` (or generic XDP at the skb's
+/// `NET_SKB_PAD`-aligned data) plus `NET_IP_ALIGN` (0 or 2), and the balancer moves the start by
+/// even amounts only. Even if a driver broke that, the access itself stays correct: the JITs of
+/// the hosts we build for (x86-64, arm64) emit plain loads and stores, which take any alignment.
+#[inline(always)]
+pub fn words_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u16; N]> {
+    // SAFETY: in bounds (checked by `ptr_at`) and 2-aligned (see above); the packet lives as
+    // long as the context.
+    ptr_at::<[u16; N]>(ctx, offset).map(|p| unsafe { &*p })
+}
+
+/// Writes `words` at the even `offset` from the packet start (see [`words_at`]); `None` when
+/// they do not fit.
+#[inline(always)]
+pub fn write_words<const N: usize>(ctx: &XdpContext, offset: usize, words: [u16; N]) -> Option<()> {
+    let at = ptr_at::<[u16; N]>(ctx, offset)?;
+    // SAFETY: in bounds and 2-aligned, as in `words_at`.
+    unsafe { at.write(words) };
+    Some(())
+}
+
+/// An IPv4 address (wire order, as `FlowKey` holds it) from its two header words.
+#[inline(always)]
+pub fn addr(high: u16, low: u16) -> u32 {
+    let [a, b] = high.to_ne_bytes();
+    let [c, d] = low.to_ne_bytes();
+    u32::from_ne_bytes([a, b, c, d])
+}
+
 /// Parses an Ethernet frame carrying IPv4 (no VLAN tags: a tagged frame is `NotIp`).
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Parsed {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    let Some(eth) = words_at::<{ ETH_HLEN / 2 }>(ctx, 0) else {
         return Parsed::NotIp;
     };
-    // SAFETY: `eth` is bounds-checked above.
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+    if u16::from_be(eth[6]) != ETH_P_IP {
         return Parsed::NotIp;
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+    let Some(ip) = words_at::<{ IPV4_HLEN / 2 }>(ctx, ETH_HLEN) else {
         return Parsed::NotIp;
     };
-    // SAFETY: `ip` is bounds-checked above; Ipv4Hdr is all bytes (align 1).
-    let ip = unsafe { &*ip };
-    let dst = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
+    let dst = [addr(ip[8], ip[9]), 0, 0, 0];
     match check_ipv4(ctx, ip) {
         Ok(packet) => Parsed::Packet(packet),
         Err(reason) => Parsed::Malformed {
-            src: u32::from_ne_bytes(ip.src_addr),
+            src: addr(ip[6], ip[7]),
             dst,
             family: FAMILY_V4,
             reason,
@@ -91,64 +122,65 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     }
 }
 
+/// `ip`: the IPv4 header's ten words.
 #[inline(always)]
-fn check_ipv4(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<Packet, DropReason> {
-    if ip.vihl >> 4 != 4 || ip.vihl & 0xf < 5 {
+fn check_ipv4(ctx: &XdpContext, ip: &[u16; IPV4_HLEN / 2]) -> Result<Packet, DropReason> {
+    let [vihl, tos] = ip[0].to_ne_bytes();
+    if vihl >> 4 != 4 || vihl & 0xf < 5 {
         return Err(DropReason::BadIpHeader);
     }
-    if ip.vihl & 0xf != 5 {
+    if vihl & 0xf != 5 {
         return Err(DropReason::IpOptions);
     }
     let available = ctx.data_end() - ctx.data() - ETH_HLEN;
-    let tot_len = u16::from_be_bytes(ip.tot_len);
+    let tot_len = u16::from_be(ip[1]);
     if (tot_len as usize) < IPV4_HLEN || tot_len as usize > available {
         return Err(DropReason::BadIpHeader);
     }
-    if u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
+    if u16::from_be(ip[3]) & IP_MF_OFFSET != 0 {
         return Err(DropReason::Fragment);
     }
+    let [_ttl, proto] = ip[4].to_ne_bytes();
     // Ethernet padding may follow the IP packet, so L4 lengths are checked against tot_len.
     let l4_len = tot_len as usize - IPV4_HLEN;
     let l4_offset = ETH_HLEN + IPV4_HLEN;
-    let (ports, syn, fin_rst) = match ip.proto {
+    let (sport, dport, syn, fin_rst) = match proto {
         PROTO_TCP => {
-            let tcp = ptr_at::<[u8; TCP_HLEN]>(ctx, l4_offset).ok_or(DropReason::BadL4Header)?;
-            // SAFETY: bounds-checked above.
-            let tcp = unsafe { &*tcp };
-            let doff = (tcp[12] >> 4) as usize;
+            let tcp =
+                words_at::<{ TCP_HLEN / 2 }>(ctx, l4_offset).ok_or(DropReason::BadL4Header)?;
+            let [doff, flags] = tcp[6].to_ne_bytes();
+            let doff = (doff >> 4) as usize;
             if l4_len < TCP_HLEN || doff < 5 || doff * 4 > l4_len {
                 return Err(DropReason::BadL4Header);
             }
-            let flags = tcp[13];
             let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             let fin_rst = flags & (TCP_FIN | TCP_RST) != 0;
-            ([tcp[0], tcp[1], tcp[2], tcp[3]], syn, fin_rst)
+            (tcp[0], tcp[1], syn, fin_rst)
         }
         PROTO_UDP => {
-            let udp = ptr_at::<[u8; UDP_HLEN]>(ctx, l4_offset).ok_or(DropReason::BadL4Header)?;
-            // SAFETY: bounds-checked above.
-            let udp = unsafe { &*udp };
+            let udp =
+                words_at::<{ UDP_HLEN / 2 }>(ctx, l4_offset).ok_or(DropReason::BadL4Header)?;
             if l4_len < UDP_HLEN {
                 return Err(DropReason::BadL4Header);
             }
-            ([udp[0], udp[1], udp[2], udp[3]], false, false)
+            (udp[0], udp[1], false, false)
         }
         _ => return Err(DropReason::UnsupportedProtocol),
     };
     Ok(Packet {
         flow: FlowKey {
-            src: [u32::from_ne_bytes(ip.src_addr), 0, 0, 0],
-            dst: [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0],
-            sport: u16::from_ne_bytes([ports[0], ports[1]]),
-            dport: u16::from_ne_bytes([ports[2], ports[3]]),
-            proto: ip.proto,
+            src: [addr(ip[6], ip[7]), 0, 0, 0],
+            dst: [addr(ip[8], ip[9]), 0, 0, 0],
+            sport,
+            dport,
+            proto,
             family: FAMILY_V4,
             pad: [0; 2],
         },
         syn,
         fin_rst,
         len: (ctx.data_end() - ctx.data()) as u32,
-        tos: ip.tos,
+        tos,
         tot_len,
     })
 }

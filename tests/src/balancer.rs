@@ -11,7 +11,7 @@ use aya::{
 };
 use lb_common::{
     BackendSlot, FlowKey, FlowValue, GlobalConfig, TrafficCounters, VipKey, VipMeta,
-    hash::flow_hash,
+    hash::{encap_entropy, flow_hash},
     keys::{ENCAP_IPIP, FAMILY_V4, SLOT_ACTIVE, wire_addr},
     maps,
     stats::COUNTER_COUNT,
@@ -26,6 +26,8 @@ use crate::{
 pub const TEST_FLOWS: u32 = 1024;
 pub const TEST_RING_POOL: u32 = 4096;
 
+/// The clock tick the fixture publishes (lbd publishes its own): flows are stamped with it.
+pub const TEST_TICK: u32 = 4242;
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 pub const VIP_PORT: u16 = 80;
 pub const VIP_ID: u32 = 7;
@@ -98,7 +100,7 @@ pub fn check_encapsulated(input: &[u8], output: &[u8], slot: &BackendSlot, key: 
     assert_eq!(outer.total_len, inner_in.total_len + IPV4_HLEN as u16);
     let backend_ip = Ipv4Addr::from(slot.addr[0].to_ne_bytes());
     assert_eq!(outer.dst, backend_ip, "outer destination is the backend");
-    let entropy = flow_hash(key) & wire(ENCAP_MASK);
+    let entropy = encap_entropy(key) & wire(ENCAP_MASK);
     let expected_src = Ipv4Addr::from((wire(ENCAP_SRC) | entropy).to_ne_bytes());
     assert_eq!(
         outer.src, expected_src,
@@ -140,6 +142,7 @@ impl Lb {
         let cfg = GlobalConfig {
             encap_src_v4: wire(ENCAP_SRC),
             encap_src_v4_mask: wire(ENCAP_MASK),
+            now_tick: TEST_TICK,
             ..GlobalConfig::default()
         };
         config.set(0, cfg, 0).expect("set LB_CONFIG");
