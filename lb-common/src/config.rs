@@ -6,12 +6,17 @@ pub const CFG_F_DEBUG: u32 = 1 << 0;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GlobalConfig {
-    /// Outer IPv4 source of encapsulated packets: `encap_src_v4 | (flow_hash & encap_src_v4_mask)`,
+    /// Outer IPv4 source of encapsulated packets: `encap_src_v4 | (encap_entropy & encap_src_v4_mask)`,
     /// both in wire order. The mask selects the host bits that carry per-flow entropy, so
     /// backends spread flows over their receive queues.
     pub encap_src_v4: u32,
     pub encap_src_v4_mask: u32,
     /// `CFG_F_*` bits.
     pub flags: u32,
-    pub pad: u32,
+    /// The clock flows are stamped with (`FlowValue::last_seen`): lbd's `CLOCK_MONOTONIC_COARSE`
+    /// in ns >> 30 (about seconds), written about four times a second. Published by lbd so the
+    /// data plane reads a word it reads anyway instead of calling a clock helper per packet
+    /// (15-20 ns, measured). Stands still while no lbd runs; a restarted lbd knows the tick it
+    /// found as the one flows were stamped with meanwhile (see `flows::Clock`).
+    pub now_tick: u32,
 }

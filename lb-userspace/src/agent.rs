@@ -27,7 +27,7 @@ use tokio::{
 use crate::{
     api::{self, ApiError, Command, ErrorKind, proto::HealthReport},
     check::{CheckKind, CheckSpec},
-    config::{self, Config},
+    config::{self, Config, Settings},
     control::{Control, Pending},
     dataplane::{
         DataPlane, DataPlaneError,
@@ -118,6 +118,10 @@ const MAX_CHECKS_IN_FLIGHT: usize = 256;
 /// (they join the table when the lookup finishes in the background).
 const CHANGE_RESOLVE_BUDGET: Duration = Duration::from_millis(300);
 
+/// How often lbd publishes the tick (about a second) flows are stamped with: a quarter tick, so
+/// a stamp lags the real tick by a quarter at most.
+const CLOCK_INTERVAL: Duration = Duration::from_millis(250);
+
 fn egress_of(hop: &NextHop) -> Egress {
     Egress {
         ifindex: hop.ifindex,
@@ -164,6 +168,32 @@ struct Agent {
     rates: Arc<Mutex<RateTracker>>,
     /// The data plane's debug logging (`lbctl debug`), kept across config reloads.
     debug: bool,
+    clock: PublishedClock,
+}
+
+/// The clock lbd publishes to the data plane (`GlobalConfig::now_tick`).
+struct PublishedClock {
+    /// See `flows::Clock::frozen`.
+    frozen: Option<(u32, u32)>,
+    /// The last write failed (logged once until one succeeds).
+    failing: bool,
+}
+
+impl PublishedClock {
+    /// Writes the first config, with the clock, to a data plane a previous lbd may have left
+    /// running, and remembers the tick it left behind.
+    fn start(dp: &mut KernelDataPlane, settings: Settings) -> Result<Self, AgentError> {
+        let frozen = dp.config()?.now_tick;
+        let global = GlobalConfig {
+            now_tick: flows::now_tick(),
+            ..settings.global_config()
+        };
+        dp.set_config(&global)?;
+        Ok(Self {
+            frozen: (frozen != 0 && frozen != global.now_tick).then_some((frozen, global.now_tick)),
+            failing: false,
+        })
+    }
 }
 
 impl Agent {
@@ -503,13 +533,36 @@ impl Agent {
         e
     }
 
-    /// What the data plane is configured with: the settings, and the debug switch.
+    /// What the data plane is configured with: the settings, the debug switch and the clock.
     fn global_config(&self) -> GlobalConfig {
         let mut config = self.control.settings.global_config();
         if self.debug {
             config.flags |= CFG_F_DEBUG;
         }
+        config.now_tick = flows::now_tick();
         config
+    }
+
+    /// The time flows are judged at (see `flows::Clock`).
+    fn clock(&self) -> flows::Clock {
+        flows::Clock {
+            now: flows::now_tick(),
+            frozen: self.clock.frozen,
+        }
+    }
+
+    /// Publishes the clock the data plane stamps flows with.
+    fn publish_clock(&mut self) {
+        let config = self.global_config();
+        match self.control.dp_mut().set_config(&config) {
+            Ok(()) => self.clock.failing = false,
+            // Once per failing spell: it repeats four times a second.
+            Err(e) if !self.clock.failing => {
+                self.clock.failing = true;
+                tracing::warn!(error = %e, "publishing the clock failed; flows keep older stamps");
+            }
+            Err(_) => {}
+        }
     }
 
     fn set_debug(&mut self, on: bool) -> Result<(), ApiError> {
@@ -538,8 +591,9 @@ impl Agent {
     ) {
         let table = self.control.dp().flow_table();
         let cache = self.flow_counts.clone();
+        let clock = self.clock();
         tokio::task::spawn_blocking(move || {
-            let counts = cache.counts(&*table, flows::now_tick(), flows::idle_ticks(idle_timeout));
+            let counts = cache.counts(&*table, clock, flows::idle_ticks(idle_timeout));
             let result = counts
                 .map_err(|e| ApiError::new(ErrorKind::Internal, format!("flow table: {e}")))
                 .and_then(|c| finish(&c));
@@ -668,7 +722,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
 
     let mut dp = KernelDataPlane::load(&opts.load)?;
-    dp.set_config(&config.settings.global_config())?;
+    let clock = PublishedClock::start(&mut dp, config.settings)?;
     let reconciler = Reconciler::adopt(&dp, DEFAULT_QUARANTINE)?;
     // Start from the next hops the adopted slots hold, so a neighbour entry that is briefly
     // unusable at restart does not take a backend (and its flows) down.
@@ -701,6 +755,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         metrics,
         rates: Arc::default(),
         debug: false,
+        clock,
     };
     let addrs = agent.control.state().backend_addrs();
     let first = resolve_many(&agent.resolver, addrs.clone()).await;
@@ -722,11 +777,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 
     let mut tick = tokio::time::interval(agent.opts.resolve_interval);
     tick.tick().await;
+    let mut clock = tokio::time::interval(CLOCK_INTERVAL);
+    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => agent.reload(),
+            _ = clock.tick() => agent.publish_clock(),
             Some(command) = commands.recv() => agent.handle(command).await,
             Some(transition) = transitions.recv() => agent.on_transition(&transition),
             Some(results) = resolved_rx.recv() => {

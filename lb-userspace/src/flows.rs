@@ -1,6 +1,6 @@
 //! Live flows per backend, counted from a scan of the flow table: what drain waits on and what
-//! status reports. Time is in the data plane's ticks (coarse monotonic ns >> 30, about seconds),
-//! so entries are compared with the clock that wrote them.
+//! status reports. Time is in ticks (coarse monotonic ns >> 30, about seconds), the clock lbd
+//! publishes in `GlobalConfig::now_tick` and the data plane stamps entries with.
 
 use std::{
     collections::HashMap,
@@ -12,11 +12,11 @@ use lb_common::{FlowValue, keys::FLOW_F_CLOSED};
 
 use crate::dataplane::{DataPlaneError, FlowTable};
 
-/// Nanoseconds per tick: the data plane stores `bpf_ktime_get_coarse_ns() >> 30`.
+/// Nanoseconds per tick, as a shift.
 const TICK_SHIFT: u32 = 30;
 
-/// The data plane's current tick: `CLOCK_MONOTONIC_COARSE` (what `bpf_ktime_get_coarse_ns`
-/// reads) in ns, shifted right by 30.
+/// The current tick: `CLOCK_MONOTONIC_COARSE` in ns, shifted right by 30. What lbd publishes
+/// to the data plane.
 pub fn now_tick() -> u32 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -39,12 +39,37 @@ pub fn idle_ticks(d: Duration) -> u32 {
     u32::try_from(ticks).unwrap_or(u32::MAX)
 }
 
-/// Whether an entry is a live flow at `now_tick`: seen within `idle_ticks`, and not closed (a
+/// The time flows are judged at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Clock {
+    pub now: u32,
+    /// (the tick a previous lbd last published, this lbd's first): while no lbd ran, the data
+    /// plane stamped every packet with the former, so an entry holding it was seen at least as
+    /// late as the latter. Errs toward live, so a drain never ends early.
+    pub frozen: Option<(u32, u32)>,
+}
+
+impl Clock {
+    /// Now, with no previous lbd's frozen tick to account for.
+    pub fn at(now: u32) -> Self {
+        Self { now, frozen: None }
+    }
+
+    /// When `v` was last seen, as far as we can tell.
+    fn last_seen(&self, v: &FlowValue) -> u32 {
+        match self.frozen {
+            Some((frozen, started)) if v.last_seen == frozen => started,
+            _ => v.last_seen,
+        }
+    }
+}
+
+/// Whether an entry is a live flow at `clock`: seen within `idle_ticks`, and not closed (a
 /// closed entry counts until the tick in which its FIN or RST was seen ends).
-pub fn is_live(v: &FlowValue, now_tick: u32, idle_ticks: u32) -> bool {
+pub fn is_live(v: &FlowValue, clock: Clock, idle_ticks: u32) -> bool {
     // The data plane may have stamped a tick our read of the clock has not reached yet; the
     // signed difference treats that as "just seen" (and survives the u32 wrap).
-    let idle = now_tick.wrapping_sub(v.last_seen) as i32;
+    let idle = clock.now.wrapping_sub(clock.last_seen(v)) as i32;
     let idle = idle.max(0) as u32;
     if v.flags & FLOW_F_CLOSED != 0 && idle > 0 {
         return false;
@@ -65,13 +90,13 @@ pub struct Counts {
 /// Counts live flows per (slot, generation) and all entries in one scan of `table`.
 pub fn count_live(
     table: &dyn FlowTable,
-    now_tick: u32,
+    clock: Clock,
     idle_ticks: u32,
 ) -> Result<Counts, DataPlaneError> {
     let mut counts = Counts::default();
     table.for_each_flow(&mut |v| {
         counts.entries += 1;
-        if is_live(v, now_tick, idle_ticks) {
+        if is_live(v, clock, idle_ticks) {
             *counts.live.entry((v.slot, v.generation)).or_default() += 1;
         }
     })?;
@@ -83,26 +108,26 @@ pub fn count_live(
 /// many drain waits and status requests ask.
 #[derive(Default)]
 pub struct CountCache {
-    last: Mutex<Option<(u32, u32, Arc<Counts>)>>,
+    last: Mutex<Option<(Clock, u32, Arc<Counts>)>>,
 }
 
 impl CountCache {
-    /// The counts at `now_tick` for `idle_ticks`, from the cache or a fresh scan.
+    /// The counts at `clock` for `idle_ticks`, from the cache or a fresh scan.
     pub fn counts(
         &self,
         table: &dyn FlowTable,
-        now_tick: u32,
+        clock: Clock,
         idle_ticks: u32,
     ) -> Result<Arc<Counts>, DataPlaneError> {
         // Held during the scan, so concurrent askers wait for it instead of scanning too.
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((tick, idle, counts)) = &*last
-            && (*tick, *idle) == (now_tick, idle_ticks)
+        if let Some((at, idle, counts)) = &*last
+            && (*at, *idle) == (clock, idle_ticks)
         {
             return Ok(counts.clone());
         }
-        let counts = Arc::new(count_live(table, now_tick, idle_ticks)?);
-        *last = Some((now_tick, idle_ticks, counts.clone()));
+        let counts = Arc::new(count_live(table, clock, idle_ticks)?);
+        *last = Some((clock, idle_ticks, counts.clone()));
         Ok(counts)
     }
 }
@@ -128,12 +153,12 @@ mod tests {
         table.0.push(flow(1, 1, 100, 0));
         let cache = CountCache::default();
         let scans = || table.1.load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(cache.counts(&table, 100, 5).unwrap().live[&(1, 1)], 1);
-        assert_eq!(cache.counts(&table, 100, 5).unwrap().live[&(1, 1)], 1);
+        assert_eq!(cache.counts(&table, Clock::at(100), 5).unwrap().live[&(1, 1)], 1);
+        assert_eq!(cache.counts(&table, Clock::at(100), 5).unwrap().live[&(1, 1)], 1);
         assert_eq!(scans(), 1);
         // A new tick or another idle timeout scans again.
-        assert!(cache.counts(&table, 106, 5).unwrap().live.is_empty());
-        assert_eq!(cache.counts(&table, 106, 9).unwrap().live[&(1, 1)], 1);
+        assert!(cache.counts(&table, Clock::at(106), 5).unwrap().live.is_empty());
+        assert_eq!(cache.counts(&table, Clock::at(106), 9).unwrap().live[&(1, 1)], 1);
         assert_eq!(scans(), 3);
     }
 
@@ -160,25 +185,46 @@ mod tests {
     #[test]
     fn open_flows_live_until_idle_too_long() {
         let now = 1000;
-        assert!(is_live(&flow(1, 1, now, 0), now, 0));
-        assert!(is_live(&flow(1, 1, now - 60, 0), now, 60));
-        assert!(!is_live(&flow(1, 1, now - 61, 0), now, 60));
+        assert!(is_live(&flow(1, 1, now, 0), Clock::at(now), 0));
+        assert!(is_live(&flow(1, 1, now - 60, 0), Clock::at(now), 60));
+        assert!(!is_live(&flow(1, 1, now - 61, 0), Clock::at(now), 60));
         // Stamped by the data plane in a tick our clock read has not reached yet.
-        assert!(is_live(&flow(1, 1, now + 1, 0), now, 0));
+        assert!(is_live(&flow(1, 1, now + 1, 0), Clock::at(now), 0));
     }
 
     #[test]
     fn closed_flows_are_gone_once_their_tick_has_passed() {
         let now = 1000;
-        assert!(is_live(&flow(1, 1, now, FLOW_F_CLOSED), now, 60));
-        assert!(!is_live(&flow(1, 1, now - 1, FLOW_F_CLOSED), now, 60));
-        assert!(is_live(&flow(1, 1, now + 1, FLOW_F_CLOSED), now, 60));
+        assert!(is_live(&flow(1, 1, now, FLOW_F_CLOSED), Clock::at(now), 60));
+        assert!(!is_live(
+            &flow(1, 1, now - 1, FLOW_F_CLOSED),
+            Clock::at(now),
+            60
+        ));
+        assert!(is_live(
+            &flow(1, 1, now + 1, FLOW_F_CLOSED),
+            Clock::at(now),
+            60
+        ));
     }
 
     #[test]
     fn ticks_survive_the_u32_wrap() {
-        assert!(is_live(&flow(1, 1, u32::MAX, 0), 5, 10));
-        assert!(!is_live(&flow(1, 1, u32::MAX - 20, 0), 5, 10));
+        assert!(is_live(&flow(1, 1, u32::MAX, 0), Clock::at(5), 10));
+        assert!(!is_live(&flow(1, 1, u32::MAX - 20, 0), Clock::at(5), 10));
+    }
+
+    #[test]
+    fn entries_stamped_while_no_lbd_ran_count_from_its_start() {
+        // The previous lbd last published 900; this one started at 990.
+        let clock = Clock {
+            now: 1000,
+            frozen: Some((900, 990)),
+        };
+        assert!(is_live(&flow(1, 1, 900, 0), clock, 10));
+        assert!(!is_live(&flow(1, 1, 900, 0), clock, 9));
+        assert!(!is_live(&flow(1, 1, 899, 0), clock, 60));
+        assert!(!is_live(&flow(1, 1, 900, 0), Clock::at(1000), 10));
     }
 
     #[test]
@@ -194,7 +240,7 @@ mod tests {
             flow(4, 7, now - 1, FLOW_F_CLOSED),
             flow(5, 1, now - 11, 0),
         ]);
-        let counts = count_live(&table, now, 10).unwrap();
+        let counts = count_live(&table, Clock::at(now), 10).unwrap();
         let expected: HashMap<(u32, u32), u64> = [((3, 1), 2), ((3, 0), 1), ((4, 7), 1)]
             .into_iter()
             .collect();
@@ -202,7 +248,10 @@ mod tests {
         assert_eq!(counts.entries, 6);
 
         table.push(flow(5, 1, now, 0));
-        assert_eq!(count_live(&table, now, 10).unwrap().live[&(5, 1)], 1);
+        assert_eq!(
+            count_live(&table, Clock::at(now), 10).unwrap().live[&(5, 1)],
+            1
+        );
     }
 
     #[test]

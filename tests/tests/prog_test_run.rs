@@ -15,8 +15,8 @@ use lb_common::{
 };
 use lb_tests::{
     balancer::{
-        ENCAP_SRC, Lb, TEST_RING_POOL, VIP, VIP_ID, VIP_PORT, backend, check_encapsulated,
-        flow_key, vip_addr,
+        ENCAP_SRC, Lb, TEST_RING_POOL, TEST_TICK, VIP, VIP_ID, VIP_PORT, backend,
+        check_encapsulated, flow_key, vip_addr,
     },
     bpf::{self, Run, TEST_RUN_IFINDEX, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     packet::{
@@ -24,7 +24,6 @@ use lb_tests::{
         IPPROTO_UDP, IPV4_HLEN, Ipv4, TCP_ACK, TCP_FIN, TCP_SYN,
     },
 };
-use lb_userspace::flows::now_tick;
 
 /// TCP RST flag (the packet builder has no constant for it).
 const TCP_RST: u8 = 0x04;
@@ -272,11 +271,9 @@ fn pinned_flow_with_old_entry(lb: &mut Lb, src: SocketAddrV4) -> (FlowKey, u32) 
 }
 
 /// Runs `frame` of the flow `key` and checks it went to `slot` as a flow-table hit, stamping
-/// the entry with the current tick; returns the entry.
+/// the entry with the published tick; returns the entry.
 fn run_hit(lb: &Lb, frame: &[u8], key: &FlowKey, slot: u32, what: &str) -> FlowValue {
-    let before = now_tick();
     let (run, counters) = lb.run_counting(frame);
-    let after = now_tick();
     assert_eq!(run.action, XDP_TX, "{what}");
     check_encapsulated(frame, &run.frame, &lb.backend(slot), key);
     assert_eq!(
@@ -286,10 +283,9 @@ fn run_hit(lb: &Lb, frame: &[u8], key: &FlowKey, slot: u32, what: &str) -> FlowV
     );
     let entry = lb.flow(key).expect("flow entry");
     assert_eq!((entry.slot, entry.generation), (slot, 1), "{what}");
-    assert!(
-        (before..=after).contains(&entry.last_seen),
-        "{what}: last_seen {} is the current tick ({before}..={after})",
-        entry.last_seen
+    assert_eq!(
+        entry.last_seen, TEST_TICK,
+        "{what}: last_seen is the tick in LB_CONFIG"
     );
     entry
 }

@@ -12,18 +12,17 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
     Counter, DropReason, GlobalConfig, VipMeta,
-    hash::{flow_hash, src_hash},
+    hash::{encap_entropy, flow_hash, src_hash},
     keys::{PROTO_UDP, VIP_F_HASH_SRC_ONLY},
 };
 use lb_ebpf::{
     debug::{Choice, Dropped, Switch},
-    egress, encap, hc, lookup,
+    egress, encap, hc, knockout, lookup,
     parse::{self, Packet, Parsed},
     stats::{count, count_drop, count_traffic},
 };
@@ -95,13 +94,9 @@ fn forward(
     log: Switch,
 ) -> Result<u32, DropReason> {
     let flow = &packet.flow;
-    // bpf_ktime_get_coarse_ns needs kernel 5.11+; a tick is about a second.
-    // SAFETY: no arguments; reads the coarse monotonic clock.
-    let tick = (unsafe { bpf_ktime_get_coarse_ns() } >> 30) as u32;
+    // lbd's published clock (about seconds), not a helper call per packet.
+    let tick = cfg.now_tick;
 
-    // The 5-tuple hash is needed to pick a backend for a new flow (unless the VIP hashes the
-    // source only) and for the outer source's entropy bits; computed at most once, lazily.
-    let mut hash = None;
     let (backend, new_flow, choice) =
         if let Some(backend) = lookup::pinned_backend(flow, tick, packet.syn, packet.fin_rst) {
             count(Counter::FlowHits);
@@ -110,7 +105,7 @@ fn forward(
             let ring_hash = if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
                 src_hash(flow)
             } else {
-                *hash.insert(flow_hash(flow))
+                flow_hash(flow)
             };
             let backend = lookup::ring_backend(vip, ring_hash)?;
             let pinned = lookup::pin_flow(flow, backend, tick);
@@ -127,16 +122,18 @@ fn forward(
             (backend, pinned, choice)
         };
 
-    let entropy = if cfg.encap_src_v4_mask == 0 {
+    let entropy = if cfg.encap_src_v4_mask == 0 || knockout::ENTROPY {
         0
     } else {
-        hash.unwrap_or_else(|| flow_hash(flow)) & cfg.encap_src_v4_mask
+        encap_entropy(flow) & cfg.encap_src_v4_mask
     };
     let inner = encap::Inner {
         tos: packet.tos,
         tot_len: packet.tot_len,
     };
-    encap::ipip_v4(ctx, backend.slot, &inner, cfg.encap_src_v4 | entropy)?;
+    if !knockout::ENCAP {
+        encap::ipip_v4(ctx, backend.slot, &inner, cfg.encap_src_v4 | entropy)?;
+    }
     let action = egress::send(ctx, backend.slot)?;
     count_traffic(vip.vip_id, backend.index, packet.len, new_flow);
     log.forward(ctx, flow, choice, backend);

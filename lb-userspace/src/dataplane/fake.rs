@@ -170,6 +170,10 @@ impl FakeDataPlane {
 }
 
 impl DataPlane for FakeDataPlane {
+    fn config(&self) -> Result<GlobalConfig, DataPlaneError> {
+        Ok(self.config)
+    }
+
     fn set_config(&mut self, config: &GlobalConfig) -> Result<(), DataPlaneError> {
         self.check()?;
         self.config = *config;

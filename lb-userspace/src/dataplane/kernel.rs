@@ -459,6 +459,12 @@ fn max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32, DataPlaneError> {
 }
 
 impl DataPlane for KernelDataPlane {
+    fn config(&self) -> Result<GlobalConfig, DataPlaneError> {
+        self.config
+            .get(&0, 0)
+            .map_err(|e| DataPlaneError::map(maps::CONFIG, e))
+    }
+
     fn set_config(&mut self, config: &GlobalConfig) -> Result<(), DataPlaneError> {
         self.config
             .set(0, config, 0)

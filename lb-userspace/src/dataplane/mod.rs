@@ -52,6 +52,7 @@ impl DataPlaneError {
 /// What the control logic may do to the balancer's maps. Each method is one map operation, so
 /// the order in which reconcile calls them is the order the data plane sees the changes.
 pub trait DataPlane {
+    fn config(&self) -> Result<GlobalConfig, DataPlaneError>;
     fn set_config(&mut self, config: &GlobalConfig) -> Result<(), DataPlaneError>;
     /// Writes `entries` into the ring pool starting at `offset`.
     fn write_ring(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataPlaneError>;
