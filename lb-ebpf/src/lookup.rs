@@ -3,6 +3,8 @@
 
 use core::ptr;
 
+use aya_ebpf::bindings::BPF_NOEXIST;
+
 use lb_common::{
     BackendSlot, DropReason, FlowKey, FlowValue, GlobalConfig, VipKey, VipMeta,
     keys::{FLOW_F_CLOSED, RING_EMPTY, WireAddr},
@@ -115,6 +117,18 @@ pub fn ring_backend(vip: &VipMeta, hash: u32) -> Result<Backend, DropReason> {
 /// to `backend`, and the next one re-hashes to the same place).
 #[inline(always)]
 pub fn pin_flow(flow: &FlowKey, backend: Backend, tick: u32) -> bool {
+    insert(flow, backend, tick, 0)
+}
+
+/// Pins `flow` to `backend` unless the table has an entry for it: false when it has (or when
+/// the table refused the entry).
+#[inline(always)]
+pub fn pin_new_flow(flow: &FlowKey, backend: Backend, tick: u32) -> bool {
+    insert(flow, backend, tick, u64::from(BPF_NOEXIST))
+}
+
+#[inline(always)]
+fn insert(flow: &FlowKey, backend: Backend, tick: u32, flags: u64) -> bool {
     if knockout::FLOW_INSERT {
         return true;
     }
@@ -124,5 +138,5 @@ pub fn pin_flow(flow: &FlowKey, backend: Backend, tick: u32) -> bool {
         last_seen: tick,
         flags: 0,
     };
-    LB_FLOWS.insert(flow, value, 0).is_ok()
+    LB_FLOWS.insert(flow, value, flags).is_ok()
 }

@@ -16,13 +16,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Counter, DropReason, GlobalConfig, VipMeta,
+    Counter, DropReason, FlowKey, GlobalConfig, VipMeta,
     hash::{encap_entropy, flow_hash, src_hash},
     keys::{PROTO_UDP, VIP_F_HASH_SRC_ONLY},
 };
 use lb_ebpf::{
     debug::{Choice, Dropped, Switch},
-    egress, encap, hc, knockout, lookup,
+    egress, encap, hc, knockout,
+    lookup::{self, Backend},
     parse::{self, Packet, Parsed},
     stats::{count, count_drop, count_traffic},
 };
@@ -96,31 +97,7 @@ fn forward(
     let flow = &packet.flow;
     // lbd's published clock (about seconds), not a helper call per packet.
     let tick = cfg.now_tick;
-
-    let (backend, new_flow, choice) =
-        if let Some(backend) = lookup::pinned_backend(flow, tick, packet.syn, packet.fin_rst) {
-            count(Counter::FlowHits);
-            (backend, false, Choice::Hit)
-        } else {
-            let ring_hash = if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
-                src_hash(flow)
-            } else {
-                flow_hash(flow)
-            };
-            let backend = lookup::ring_backend(vip, ring_hash)?;
-            let pinned = lookup::pin_flow(flow, backend, tick);
-            if pinned {
-                count(Counter::NewFlows);
-            }
-            // A SYN, or a UDP datagram (UDP has no handshake: any unknown flow is new).
-            let choice = if packet.syn || flow.proto == PROTO_UDP {
-                Choice::New
-            } else {
-                count(Counter::FlowMisses);
-                Choice::Rehash
-            };
-            (backend, pinned, choice)
-        };
+    let (backend, new_flow, choice) = choose(packet, vip, tick)?;
 
     let entropy = if cfg.encap_src_v4_mask == 0 || knockout::ENTROPY {
         0
@@ -138,6 +115,54 @@ fn forward(
     count_traffic(vip.vip_id, backend.index, packet.len, new_flow);
     log.forward(ctx, flow, choice, backend);
     Ok(action)
+}
+
+/// The backend for `packet`, whether the flow was recorded just now, and how it was chosen.
+#[inline(always)]
+fn choose(
+    packet: &Packet,
+    vip: &VipMeta,
+    tick: u32,
+) -> Result<(Backend, bool, Choice), DropReason> {
+    let flow = &packet.flow;
+    // A SYN nearly always opens a flow the table has never seen: record it first, and look the
+    // table up only when an entry exists (a retransmitted SYN, or the port reused). One hash
+    // table operation instead of two on the common path. Without a table backend, the entry
+    // (a draining backend's, say) still decides below.
+    if packet.syn
+        && let Ok(backend) = lookup::ring_backend(vip, ring_hash(vip, flow))
+        && lookup::pin_new_flow(flow, backend, tick)
+    {
+        count(Counter::NewFlows);
+        return Ok((backend, true, Choice::New));
+    }
+    if let Some(backend) = lookup::pinned_backend(flow, tick, packet.syn, packet.fin_rst) {
+        count(Counter::FlowHits);
+        return Ok((backend, false, Choice::Hit));
+    }
+    let backend = lookup::ring_backend(vip, ring_hash(vip, flow))?;
+    let pinned = lookup::pin_flow(flow, backend, tick);
+    if pinned {
+        count(Counter::NewFlows);
+    }
+    // A SYN, or a UDP datagram (UDP has no handshake: any unknown flow is new).
+    let choice = if packet.syn || flow.proto == PROTO_UDP {
+        Choice::New
+    } else {
+        count(Counter::FlowMisses);
+        Choice::Rehash
+    };
+    Ok((backend, pinned, choice))
+}
+
+/// The hash that picks a new flow's entry in the VIP's Maglev table.
+#[inline(always)]
+fn ring_hash(vip: &VipMeta, flow: &FlowKey) -> u32 {
+    if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
+        src_hash(flow)
+    } else {
+        flow_hash(flow)
+    }
 }
 
 /// Health checks through the tunnel (tc egress): packets of probe sockets marked with
