@@ -39,9 +39,10 @@ pub(super) const RUNS: usize = 5;
 const BENCH_TICK: u32 = 1000;
 const RING_SIZE: u32 = 65_537;
 const SLOTS: u32 = 16;
-/// Flow table (per CPU) big enough that the new-flow cases (up to 5 runs x 100,000 inserts)
-/// never evict.
-pub(super) const NEW_FLOW_TABLE: u32 = 1 << 20;
+/// Flow table entries per CPU (the LRU lists are per CPU): 2 x 2^19 is lbd's default table
+/// (`DEFAULT_FLOWS`) on this 2-CPU machine, with room for an insert case's 5 runs x 100,000
+/// without evicting.
+pub(super) const NEW_FLOW_TABLE: u32 = 1 << 19;
 /// Flows of the spread hit path.
 const SPREAD_FLOWS: u32 = 1 << 20;
 /// Source addresses the reset program counts up from, one range per case.
@@ -425,9 +426,10 @@ pub fn run(quick: bool) -> Result<Vec<Figure>> {
     figures.extend(run_cases(&mut reset, &lb, &cases, quick)?);
     drop(lb);
 
-    // Each insert case on an empty table of its own: an insert costs more as the table fills
-    // (measured: 60-100 ns more on the second half of a 1M table), so cases that share one
-    // would not be comparable.
+    // Each insert case on an empty table of its own (lbd's default size on 2 CPUs), its 5 runs
+    // filling it to half: an insert costs more as the table fills (60-100 ns more for a case
+    // measured after another had filled the first half), so cases that shared one would not be
+    // comparable.
     let inserting = [
         new_syn_case(),
         Case {
