@@ -325,10 +325,3 @@ fn who_many(bed: &Bed, n: usize) -> Result<BTreeMap<String, usize>> {
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
-
-/// (median, p99, max) in ms.
-fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
-    samples.sort();
-    let at = |q: f64| millis(samples[((samples.len() - 1) as f64 * q).round() as usize]);
-    (at(0.5), at(0.99), at(1.0))
-}

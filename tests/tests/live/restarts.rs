@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use lb_tests::{
+    bench::reconfig::percentiles,
     chatter::{self, Chatter},
     lb::{Lbd, VipConfig},
     lbctl::Lbctl,
@@ -23,7 +24,7 @@ use lb_userspace::{
 
 use super::{
     Bed, CHURN_RING, CONNECTIONS, MAX_GAP, PORT, apply, expect_no_errors, expect_state,
-    percentiles, vip_status, without_flows,
+    vip_status, without_flows,
 };
 
 const CYCLES: usize = 20;
@@ -87,8 +88,8 @@ fn restarts_body(bed: &Bed, lbd: &mut Lbd) -> Result<()> {
             .check(MAX_GAP)
             .with_context(|| format!("cycle {cycle}"))?;
     }
-    let (r_med, _, r_max) = percentiles(&mut restarts);
-    let (u_med, _, u_max) = percentiles(&mut upgrades);
+    let (r_med, _, r_max) = percentiles(&restarts);
+    let (u_med, _, u_max) = percentiles(&upgrades);
     eprintln!(
         "restarts: {CYCLES} SIGKILL+restart to ready: median {r_med:.0} ms, max {r_max:.0} ms; \
          {CYCLES} upgrades: median {u_med:.0} ms, max {u_max:.0} ms"
