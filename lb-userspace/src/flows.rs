@@ -153,12 +153,27 @@ mod tests {
         table.0.push(flow(1, 1, 100, 0));
         let cache = CountCache::default();
         let scans = || table.1.load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(cache.counts(&table, Clock::at(100), 5).unwrap().live[&(1, 1)], 1);
-        assert_eq!(cache.counts(&table, Clock::at(100), 5).unwrap().live[&(1, 1)], 1);
+        assert_eq!(
+            cache.counts(&table, Clock::at(100), 5).unwrap().live[&(1, 1)],
+            1
+        );
+        assert_eq!(
+            cache.counts(&table, Clock::at(100), 5).unwrap().live[&(1, 1)],
+            1
+        );
         assert_eq!(scans(), 1);
         // A new tick or another idle timeout scans again.
-        assert!(cache.counts(&table, Clock::at(106), 5).unwrap().live.is_empty());
-        assert_eq!(cache.counts(&table, Clock::at(106), 9).unwrap().live[&(1, 1)], 1);
+        assert!(
+            cache
+                .counts(&table, Clock::at(106), 5)
+                .unwrap()
+                .live
+                .is_empty()
+        );
+        assert_eq!(
+            cache.counts(&table, Clock::at(106), 9).unwrap().live[&(1, 1)],
+            1
+        );
         assert_eq!(scans(), 3);
     }
 
