@@ -1,5 +1,5 @@
-//! Developer entry points: `cargo xtask setup | build | run | test | demo | bench | fmt |
-//! clippy | install`.
+//! Developer entry points: `cargo xtask setup | build | run | test | demo | bench | fuzz |
+//! fmt | clippy | install`.
 
 mod install;
 mod setup;
@@ -55,6 +55,17 @@ enum Cmd {
         #[arg(last = true, value_name = "BENCH_ARGS")]
         args: Vec<String>,
     },
+    /// Set up, build in release mode, then fuzz `lb_xdp` through `BPF_PROG_TEST_RUN` (lb-fuzz,
+    /// needs root): random and mutated frames checked against a reference of what the program
+    /// must do. Exits non-zero on the first mismatch, printing the frame and the seed.
+    Fuzz {
+        /// Frames to run.
+        #[arg(long, default_value_t = 10_000_000)]
+        packets: u64,
+        /// Seed (decimal or 0x hex); default from `LB_FUZZ_SEED`, else the clock.
+        #[arg(long)]
+        seed: Option<String>,
+    },
     /// Format the whole workspace (`--check` only reports).
     Fmt {
         #[arg(long)]
@@ -76,6 +87,7 @@ fn main() -> ExitCode {
         Cmd::Test(args) => tasks::test(&args),
         Cmd::Demo { release, args } => tasks::demo(release, &args),
         Cmd::Bench { quick, args } => tasks::bench(quick, &args),
+        Cmd::Fuzz { packets, seed } => tasks::fuzz(packets, seed.as_deref()),
         Cmd::Fmt { check } => tasks::fmt(check),
         Cmd::Clippy => tasks::clippy(),
         Cmd::Install(args) => install::install(&args),

@@ -1,4 +1,4 @@
-//! Build, run, test, demo and bench: thin sequences of cargo invocations after `setup`.
+//! Build, run, test, demo, bench and fuzz: thin sequences of cargo invocations after `setup`.
 
 use std::{os::unix::process::CommandExt as _, path::PathBuf, time::Instant};
 
@@ -122,6 +122,16 @@ pub fn bench(quick: bool, args: &[String]) -> Result<()> {
     bench_args.push(target_dir().join("bench").display().to_string());
     bench_args.extend_from_slice(args);
     exec_test_bin("lb-bench", true, &bench_args)
+}
+
+/// Release build of lb-fuzz, then a campaign of `packets` frames.
+pub fn fuzz(packets: u64, seed: Option<&str>) -> Result<()> {
+    let mut args = vec!["--packets".to_owned(), packets.to_string()];
+    if let Some(seed) = seed {
+        args.push("--seed".to_owned());
+        args.push(seed.to_owned());
+    }
+    exec_test_bin("lb-fuzz", true, &args)
 }
 
 /// Sets up, builds lbd and lb-tests' binary `bin`, then becomes `bin args`.
