@@ -47,6 +47,9 @@ pub use socket::bind;
 /// A client must send a request's headers within this; an idle keep-alive connection is
 /// closed after it too.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's head (request line and headers) may be this large; a larger one gets hyper's
+/// 431. lbctl's are a few hundred bytes; hyper's own bound (about 400 KiB) is loose.
+pub const HEAD_LIMIT: usize = 64 << 10;
 /// A client must send a request's body within this.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// `GET /v1/flows?wait=true` gives up after this many seconds unless told otherwise.
@@ -86,6 +89,29 @@ pub enum ServerError {
         path: PathBuf,
         owner: u32,
         euid: u32,
+    },
+    #[error(
+        "control socket {}: refusing to use it: its folder {} is owned by uid {owner}, not by \
+         lbd (uid {euid}) or root",
+        path.display(),
+        dir.display()
+    )]
+    FolderNotOurs {
+        path: PathBuf,
+        dir: PathBuf,
+        owner: u32,
+        euid: u32,
+    },
+    #[error(
+        "control socket {}: refusing to use it: its folder {} (mode {mode:04o}) is writable by \
+         other users, who could replace the socket",
+        path.display(),
+        dir.display()
+    )]
+    FolderWritable {
+        path: PathBuf,
+        dir: PathBuf,
+        mode: u32,
     },
     #[error("control socket {}: another server answers on it (is lbd already running?)", path.display())]
     InUse { path: PathBuf },
@@ -229,7 +255,8 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        .max_header_size(HEAD_LIMIT);
     let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), service));
     let result = tokio::select! {
         result = conn.as_mut() => result,
@@ -242,8 +269,21 @@ async fn serve_connection(
             conn.await
         }
     };
-    if let Err(e) = result {
-        tracing::debug!("control API connection ended: {e}");
+    match result {
+        // hyper has answered a malformed head itself (400, 414 or 431, without a body): say
+        // what was wrong here, where the operator looks.
+        Err(e) if e.is_parse() || e.is_parse_too_large() => {
+            tracing::info!(
+                "control API: refused a malformed request head: {}",
+                chain(&e)
+            );
+        }
+        // Also how an idle keep-alive connection ends: not worth more than debug.
+        Err(e) if e.is_timeout() => {
+            tracing::debug!("control API: no complete request head in time: closing");
+        }
+        Err(e) => tracing::debug!("control API connection ended: {}", chain(&e)),
+        Ok(()) => {}
     }
 }
 
@@ -379,7 +419,8 @@ async fn read_body(body: Body) -> Result<Vec<u8>, Refusal> {
     let mut bytes = Vec::new();
     let mut seen = 0;
     while let Some(chunk) = chunks.next().await {
-        let chunk = chunk.map_err(|e| Refusal::bad_request(format!("request body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| Refusal::bad_request(format!("request body: {}", chain(&e))))?;
         seen += chunk.len();
         if seen <= BODY_LIMIT {
             bytes.extend_from_slice(&chunk);
@@ -391,6 +432,23 @@ async fn read_body(body: Body) -> Result<Vec<u8>, Refusal> {
         return Err(too_large());
     }
     Ok(bytes)
+}
+
+/// An error and its causes, `outer: inner: root`: hyper's body errors say only "error reading
+/// a body from connection" on top and name the problem (a bad chunk size line) below.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Wrappers often repeat their inner error's text.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn too_large() -> Refusal {
@@ -431,6 +489,21 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Refusal> {
         return Err(Refusal::bad_request(
             "request body: expected a JSON object, got an empty body",
         ));
+    }
+    // Every body is an object: serde would also take a struct as an array of its fields, so
+    // `[]` would be a whole-state apply with no VIPs.
+    let start = bytes.trim_ascii_start();
+    if !start.starts_with(b"{") {
+        let got = match start.first() {
+            Some(b'[') => "an array".to_owned(),
+            _ => format!(
+                "{:?}",
+                String::from_utf8_lossy(&start[..start.len().min(16)])
+            ),
+        };
+        return Err(Refusal::bad_request(format!(
+            "request body: expected a JSON object, got {got}"
+        )));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de)

@@ -20,8 +20,9 @@ const LISTEN_BACKLOG: i32 = 128;
 const SOCKET_MODE: u32 = 0o660;
 
 /// Binds the control socket at `path`, mode 0660, owned by lbd's uid and `group` (else lbd's
-/// gid). Creates the parent folder (0755) if missing. Refuses a symlink, anything that is not a
-/// socket, a socket of another user and a socket someone answers on; removes a stale one of ours.
+/// gid). Creates the parent folder (0755) if missing. Refuses a folder of another user or one
+/// others may write to, a symlink, anything that is not a socket, a socket of another user and
+/// a socket someone answers on; removes a stale one of ours.
 ///
 /// Must be called within a Tokio runtime.
 pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ServerError> {
@@ -37,6 +38,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ServerErro
                 source,
             })?;
     }
+    check_folder(path)?;
     remove_stale(path)?;
     let listener = bind_socket(path)?;
     if let Err(e) = restrict(path, gid) {
@@ -47,6 +49,39 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ServerErro
         return Err(e);
     }
     Ok(listener)
+}
+
+/// The socket's folder must be lbd's own (or root's) and closed to other writers: whoever may
+/// write to it can swap the socket for theirs and speak for lbd to every lbctl. A sticky folder
+/// such as /tmp is safe (nobody else can rename or remove our entry).
+fn check_folder(path: &Path) -> Result<(), ServerError> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    // Follows links: what counts is the folder the socket really lands in.
+    let meta = fs::metadata(dir).map_err(|source| ServerError::Inspect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let euid = euid();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(ServerError::FolderNotOurs {
+            path: path.to_owned(),
+            dir: dir.to_owned(),
+            owner: meta.uid(),
+            euid,
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(ServerError::FolderWritable {
+            path: path.to_owned(),
+            dir: dir.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 /// Checks what is at `path` and removes it only if it is a dead socket of ours.

@@ -938,3 +938,121 @@ async fn stats_and_the_debug_switch() {
         .await;
     assert_eq!(reply.status, 405, "{reply}");
 }
+
+#[tokio::test]
+async fn bind_refuses_a_folder_others_control() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("bind-folder");
+    let make = |name: &str, mode: u32, owner: Option<u32>| {
+        let folder = dir.0.join(name);
+        fs::create_dir(&folder).unwrap();
+        fs::set_permissions(&folder, fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&folder, owner, None).unwrap();
+        folder.join("lbd.sock")
+    };
+    // We run as root: nobody's folder is another user's.
+    let foreign = make("foreign", 0o755, Some(65_534));
+    let open = make("open", 0o777, None);
+    let group = make("group", 0o775, None);
+    for (path, want) in [
+        (
+            &foreign,
+            "is owned by uid 65534, not by lbd (uid 0) or root",
+        ),
+        (&open, "(mode 0777) is writable by other users"),
+        (&group, "(mode 0775) is writable by other users"),
+    ] {
+        let e = bind(path, None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ServerError::FolderNotOurs { .. } | ServerError::FolderWritable { .. }
+            ),
+            "{e}"
+        );
+        let e = e.to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(
+            e.contains(&path.parent().unwrap().display().to_string()),
+            "{e}"
+        );
+        assert!(e.contains(want), "{e}");
+        assert!(!path.exists(), "a refused bind left a socket");
+    }
+    // Through a link, the folder it points to counts.
+    symlink(foreign.parent().unwrap(), dir.0.join("via-link")).unwrap();
+    let e = bind(&dir.0.join("via-link/lbd.sock"), None).unwrap_err();
+    assert!(matches!(e, ServerError::FolderNotOurs { .. }), "{e}");
+
+    // Sticky, like /tmp: others cannot touch our entry, so it is fine.
+    let sticky = make("sticky", 0o1777, None);
+    let listener = bind(&sticky, None).unwrap();
+    assert_eq!(
+        fs::symlink_metadata(&sticky).unwrap().mode() & 0o7777,
+        0o660
+    );
+    drop(listener);
+}
+
+#[tokio::test]
+async fn framing_and_nesting_errors_name_the_problem() {
+    let server = start("framing", seeded(), TIMEOUTS);
+    let before = server.state();
+    let head = "POST /v1/changes HTTP/1.1\r\nHost: lbd\r\nConnection: close\r\n\
+                Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            format!("{head}zz\r\n{{}}\r\n0\r\n\r\n").into_bytes(),
+            "invalid chunk size",
+        ),
+        (
+            format!("{head}2\r\n{{}}XX0\r\n\r\n").into_bytes(),
+            "invalid chunk body cr",
+        ),
+        (
+            format!("{head}fffffffffffffffffff\r\n").into_bytes(),
+            "chunk size",
+        ),
+        (
+            raw(
+                "POST",
+                "/v1/changes",
+                Some("application/json"),
+                // `op` comes last: serde buffers the whole change (a tagged enum) before it
+                // can pick the variant, and only serde_json's depth limit stops the recursion.
+                format!(r#"{{"changes": [{{"vip": {nested}, "op": "vip_add"}}]}}"#).as_bytes(),
+            ),
+            "recursion limit exceeded",
+        ),
+        (
+            raw("POST", "/v1/apply", None, nested.as_bytes()),
+            "expected a json object, got an array",
+        ),
+        // serde takes a struct as the array of its fields too: `[]` would be an apply of
+        // nothing, removing every VIP.
+        (
+            raw("POST", "/v1/apply", None, b" []"),
+            "expected a json object, got an array",
+        ),
+        (
+            raw("PUT", "/v1/debug", None, b"[true]"),
+            "expected a json object, got an array",
+        ),
+        (
+            raw("POST", "/v1/changes", None, b"nul"),
+            "expected a json object, got \"nul\"",
+        ),
+    ];
+    for (request, needle) in cases {
+        let reply = server.send(&request).await;
+        let what = String::from_utf8_lossy(&request[..request.len().min(200)]).into_owned();
+        assert_eq!(reply.status, 400, "{what}\n---\n{reply}");
+        let error = reply.error();
+        assert!(
+            error.to_lowercase().contains(needle),
+            "{what}\n---\n{error:?} lacks {needle:?}"
+        );
+    }
+    assert_eq!(server.state(), before);
+}
