@@ -279,8 +279,9 @@ impl<D: DataPlane> Control<D> {
             .then(|| self.reconciler.quarantine())
     }
 
-    /// Checks room in the data plane, saves, then writes the data plane. A dry run, or an
-    /// empty change, stops after the check.
+    /// Checks the configured limits and room in the data plane, saves, then writes the data
+    /// plane. A dry run, or an empty change, stops after the checks. A failed save (disk full,
+    /// read-only folder) stops the change before the data plane sees it.
     pub fn commit(&mut self, pending: Pending) -> Result<ChangeReply, ApiError> {
         // Draining a drained backend, say: nothing to save or write.
         if pending.state == self.state {
@@ -289,6 +290,10 @@ impl<D: DataPlane> Control<D> {
                 changes: pending.changes,
             });
         }
+        self.settings
+            .limits()
+            .check_change(&self.state, &pending.state)
+            .map_err(ApiError::from)?;
         self.reconciler
             .check(&plans(&pending.state, &self.egress, &self.health).plans)
             .map_err(ApiError::from)?;
@@ -416,3 +421,133 @@ impl<D: DataPlane> Control<D> {
 #[cfg(test)]
 mod tests;
 pub mod transitions;
+
+/// The operator's limits (`[settings]` `max_*`) through the control path: a change or apply
+/// past one is refused with the setting named, and leaves state, file and data plane alone.
+#[cfg(test)]
+mod limit_tests {
+    use std::{fs, path::PathBuf};
+
+    use super::*;
+    use crate::{dataplane::fake::FakeDataPlane, reconcile::DEFAULT_QUARANTINE};
+
+    struct TempDir(PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            // Best effort: a leftover temp folder must not hide the result.
+            fs::remove_dir_all(&self.0).ok();
+        }
+    }
+
+    fn limited(dir: &TempDir) -> Control<FakeDataPlane> {
+        let dp = FakeDataPlane::new(1024);
+        let reconciler = Reconciler::adopt(&dp, DEFAULT_QUARANTINE).unwrap();
+        let egress = Egress {
+            ifindex: 2,
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+        };
+        let settings = Settings {
+            max_vips: 2,
+            max_backends: 3,
+            max_backends_per_vip: 2,
+            ..Settings::default()
+        };
+        Control::new(
+            settings,
+            DesiredState::default(),
+            StateStore::new(dir.0.join("state.toml")),
+            dp,
+            reconciler,
+            (1..=9)
+                .map(|i| (IpAddr::from([10, 1, 0, i]), egress))
+                .collect(),
+        )
+    }
+
+    fn change(c: &mut Control<FakeDataPlane>, json: &str) -> Result<ChangeReply, ApiError> {
+        let pending = c.prepare_changes(serde_json::from_str(json).unwrap())?;
+        c.commit(pending)
+    }
+
+    fn apply(c: &mut Control<FakeDataPlane>, toml: &str) -> Result<ChangeReply, ApiError> {
+        let vip = crate::config::parse_state(toml).unwrap().into_vips();
+        let pending = c.prepare_apply(ApplyRequest {
+            vip,
+            dry_run: false,
+        })?;
+        c.commit(pending)
+    }
+
+    #[test]
+    fn changes_past_a_limit_are_refused_and_change_nothing() {
+        let dir =
+            TempDir(std::env::temp_dir().join(format!("lb-control-limits-{}", std::process::id())));
+        fs::create_dir_all(&dir.0).unwrap();
+        let mut c = limited(&dir);
+        change(
+            &mut c,
+            r#"{"changes":[{"op":"vip_add","vip":"10.0.0.1:80/tcp","ring_size":7},
+                {"op":"backend_add","vip":"10.0.0.1:80/tcp","address":"10.1.0.1"},
+                {"op":"backend_add","vip":"10.0.0.1:80/tcp","address":"10.1.0.2"},
+                {"op":"vip_add","vip":"10.0.0.2:80/tcp","ring_size":7}]}"#,
+        )
+        .unwrap();
+        let file = fs::read(dir.0.join("state.toml")).unwrap();
+        let state = c.state().clone();
+        let ops = c.dp().ops.len();
+        let vips3 = "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nring_size = 7\n\
+                     [[vip]]\naddress = \"10.0.0.2:80/tcp\"\nring_size = 7\n\
+                     [[vip]]\naddress = \"10.0.0.3:80/tcp\"\nring_size = 7\n";
+        let per_vip = "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nring_size = 7\nbackends = [\
+                       { address = \"10.1.0.1\" }, { address = \"10.1.0.2\" }, \
+                       { address = \"10.1.0.3\" }]\n";
+        let refusals = [
+            (
+                change(
+                    &mut c,
+                    r#"{"changes":[{"op":"vip_add","vip":"10.0.0.3:80/tcp","ring_size":7}]}"#,
+                ),
+                "vip: 3 VIPs exceed the limit of 2 (settings.max_vips)",
+            ),
+            (
+                change(
+                    &mut c,
+                    r#"{"changes":[{"op":"backend_add","vip":"10.0.0.1:80/tcp","address":"10.1.0.3"}]}"#,
+                ),
+                "vip[\"10.0.0.1:80/tcp\"].backends: 3 backends exceed the limit of 2 per VIP \
+                 (settings.max_backends_per_vip)",
+            ),
+            (
+                change(
+                    &mut c,
+                    r#"{"dry_run":true,"changes":[
+                        {"op":"backend_add","vip":"10.0.0.2:80/tcp","address":"10.1.0.3"},
+                        {"op":"backend_add","vip":"10.0.0.2:80/tcp","address":"10.1.0.4"}]}"#,
+                ),
+                "backends: 4 backends over all VIPs exceed the limit of 3 (settings.max_backends)",
+            ),
+            (
+                apply(&mut c, vips3),
+                "vip: 3 VIPs exceed the limit of 2 (settings.max_vips)",
+            ),
+            (apply(&mut c, per_vip), "(settings.max_backends_per_vip)"),
+        ];
+        for (result, want) in refusals {
+            let e = result.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{e}");
+            assert!(e.message.contains(want), "got {e}\nwant {want}");
+        }
+        assert_eq!(c.state(), &state);
+        assert_eq!(fs::read(dir.0.join("state.toml")).unwrap(), file);
+        assert_eq!(c.dp().ops.len(), ops, "the data plane was written");
+        // Within the limits: accepted.
+        change(
+            &mut c,
+            r#"{"changes":[{"op":"backend_add","vip":"10.0.0.2:80/tcp","address":"10.1.0.3"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.state().backend_count(), 3);
+    }
+}

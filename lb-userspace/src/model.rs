@@ -534,16 +534,90 @@ impl DesiredState {
         self.vips.get(id).ok_or(ModelError::NoSuchVip { id: *id })
     }
 
-    /// Checks the global limits as they would be after adding `vips` VIPs and `backends`
-    /// backends.
+    /// Checks the data plane's hard limits as they would be after adding `vips` VIPs and
+    /// `backends` backends (the operator's limits are [`Limits`], checked by the caller).
     fn check_limits(&self, vips: usize, backends: usize) -> Result<(), ModelError> {
         let vips = self.vips.len() + vips;
         if vips > MAX_VIPS as usize {
-            return Err(ModelError::TooManyVips { count: vips });
+            return Err(ModelError::TooManyVips {
+                count: vips,
+                limit: MAX_VIPS,
+                setting: HARD_LIMIT,
+            });
         }
         let backends = self.backend_count() + backends;
         if backends > MAX_BACKENDS as usize {
-            return Err(ModelError::TooManyBackends { count: backends });
+            return Err(ModelError::TooManyBackends {
+                count: backends,
+                limit: MAX_BACKENDS,
+                setting: HARD_LIMIT,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// How errors name a hard limit (the operator's limits are named by their setting).
+const HARD_LIMIT: &str = "the data plane's maximum";
+
+/// The operator's maximums (`[settings]` `max_vips`, `max_backends`, `max_backends_per_vip`),
+/// at most the data plane's hard limits ([`Limits::HARD`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_vips: u32,
+    /// Backends over all VIPs (each takes a data-plane slot).
+    pub max_backends: u32,
+    pub max_backends_per_vip: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::HARD
+    }
+}
+
+impl Limits {
+    /// What the data plane has room for: `LB_VIPS` and `LB_BACKENDS` sizes. One VIP could in
+    /// principle hold every backend slot.
+    pub const HARD: Limits = Limits {
+        max_vips: MAX_VIPS,
+        max_backends: MAX_BACKENDS,
+        max_backends_per_vip: MAX_BACKENDS,
+    };
+
+    /// Refuses a state above any limit (a config file, the state lbd starts with).
+    pub fn check(&self, state: &DesiredState) -> Result<(), ModelError> {
+        self.check_change(&DesiredState::default(), state)
+    }
+
+    /// Refuses a change that takes a count above its limit. A count that was already above
+    /// (limits lowered under a running state) may stay or shrink, so such a state can still
+    /// be brought back within its limits one change at a time.
+    pub fn check_change(&self, old: &DesiredState, new: &DesiredState) -> Result<(), ModelError> {
+        let grows_past = |old: usize, new: usize, limit: u32| new > limit as usize && new > old;
+        if grows_past(old.vips.len(), new.vips.len(), self.max_vips) {
+            return Err(ModelError::TooManyVips {
+                count: new.vips.len(),
+                limit: self.max_vips,
+                setting: "settings.max_vips",
+            });
+        }
+        if grows_past(old.backend_count(), new.backend_count(), self.max_backends) {
+            return Err(ModelError::TooManyBackends {
+                count: new.backend_count(),
+                limit: self.max_backends,
+                setting: "settings.max_backends",
+            });
+        }
+        for (id, vip) in &new.vips {
+            let before = old.vip(id).map_or(0, |v| v.backends.len());
+            if grows_past(before, vip.backends.len(), self.max_backends_per_vip) {
+                return Err(ModelError::TooManyBackendsPerVip {
+                    at: vip_path(&Where::Key(*id)),
+                    count: vip.backends.len(),
+                    limit: self.max_backends_per_vip,
+                });
+            }
         }
         Ok(())
     }
@@ -757,10 +831,28 @@ pub enum ModelError {
         id: VipId,
         first: String,
     },
-    #[error("vip: {count} VIPs exceed the limit of {MAX_VIPS}")]
-    TooManyVips { count: usize },
-    #[error("backends: {count} backends over all VIPs exceed the limit of {MAX_BACKENDS}")]
-    TooManyBackends { count: usize },
+    /// `setting` names the limit: `settings.max_vips`, or the data plane's maximum.
+    #[error("vip: {count} VIPs exceed the limit of {limit} ({setting})")]
+    TooManyVips {
+        count: usize,
+        limit: u32,
+        setting: &'static str,
+    },
+    #[error("backends: {count} backends over all VIPs exceed the limit of {limit} ({setting})")]
+    TooManyBackends {
+        count: usize,
+        limit: u32,
+        setting: &'static str,
+    },
+    #[error(
+        "{at}.backends: {count} backends exceed the limit of {limit} per VIP \
+         (settings.max_backends_per_vip)"
+    )]
+    TooManyBackendsPerVip {
+        at: String,
+        count: usize,
+        limit: u32,
+    },
     #[error("vip[\"{id}\"]: already exists")]
     VipExists { id: VipId },
     #[error("vip[\"{id}\"]: no such VIP")]
@@ -1031,14 +1123,19 @@ mod tests {
             .collect();
         assert_eq!(
             err(many.clone()),
-            format!("vip: {} VIPs exceed the limit of {MAX_VIPS}", MAX_VIPS + 1)
+            format!(
+                "vip: {} VIPs exceed the limit of {MAX_VIPS} (the data plane's maximum)",
+                MAX_VIPS + 1
+            )
         );
         let mut state = DesiredState::from_vips(many[..MAX_VIPS as usize].to_vec()).unwrap();
         let before = state.clone();
         assert_eq!(
             state.add_vip(many[MAX_VIPS as usize].clone()),
             Err(ModelError::TooManyVips {
-                count: MAX_VIPS as usize + 1
+                count: MAX_VIPS as usize + 1,
+                limit: MAX_VIPS,
+                setting: HARD_LIMIT,
             })
         );
         assert_eq!(state, before);
@@ -1065,19 +1162,77 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "backends: {} backends over all VIPs exceed the limit of {MAX_BACKENDS}",
+                "backends: {} backends over all VIPs exceed the limit of {MAX_BACKENDS} \
+                 (the data plane's maximum)",
                 MAX_BACKENDS + 1
             )
         );
         assert_eq!(
             state.add_vip(backends(3, 1)),
             Err(ModelError::TooManyBackends {
-                count: MAX_BACKENDS as usize + 1
+                count: MAX_BACKENDS as usize + 1,
+                limit: MAX_BACKENDS,
+                setting: HARD_LIMIT,
             })
         );
         assert_eq!(state, before);
         let e = err(vec![backends(1, half), backends(2, half + 1)]);
         assert!(e.starts_with("backends: 8193 backends"), "{e}");
+    }
+
+    /// The operator's limits: a change that grows a count past its limit is refused with the
+    /// setting named; one that keeps or shrinks a count already above it passes.
+    #[test]
+    fn configured_limits() {
+        let limits = Limits {
+            max_vips: 2,
+            max_backends: 3,
+            max_backends_per_vip: 2,
+        };
+        let a = vip("10.0.0.1:80/tcp", &[("10.1.0.1", 1), ("10.1.0.2", 1)]);
+        let b = vip("10.0.0.2:80/tcp", &[("10.1.0.3", 1)]);
+        let c = vip("10.0.0.3:80/tcp", &[]);
+        let two = DesiredState::from_vips(vec![a.clone(), b.clone()]).unwrap();
+        limits.check(&two).unwrap();
+        assert_eq!(Limits::default(), Limits::HARD);
+        Limits::HARD.check(&two).unwrap();
+
+        let three = DesiredState::from_vips(vec![a.clone(), b.clone(), c]).unwrap();
+        assert_eq!(
+            limits.check_change(&two, &three).unwrap_err().to_string(),
+            "vip: 3 VIPs exceed the limit of 2 (settings.max_vips)"
+        );
+        let mut more = two.clone();
+        more.add_backend(&b.id, BackendSpec::new(ip("10.1.0.4"), 1))
+            .unwrap();
+        assert_eq!(
+            limits.check_change(&two, &more).unwrap_err().to_string(),
+            "backends: 4 backends over all VIPs exceed the limit of 3 (settings.max_backends)"
+        );
+        let wide = DesiredState::from_vips(vec![vip(
+            "10.0.0.1:80/tcp",
+            &[("10.1.0.1", 1), ("10.1.0.2", 1), ("10.1.0.3", 1)],
+        )])
+        .unwrap();
+        assert_eq!(
+            limits.check(&wide).unwrap_err().to_string(),
+            "vip[\"10.0.0.1:80/tcp\"].backends: 3 backends exceed the limit of 2 per VIP \
+             (settings.max_backends_per_vip)"
+        );
+        // Above the limits already (they were lowered): a change that does not grow passes,
+        // one that does is refused.
+        let tight = Limits {
+            max_vips: 1,
+            max_backends: 1,
+            max_backends_per_vip: 1,
+        };
+        let mut reweighted = two.clone();
+        reweighted.set_weight(&a.id, ip("10.1.0.1"), 5).unwrap();
+        tight.check_change(&two, &reweighted).unwrap();
+        let mut fewer = two.clone();
+        fewer.del_backend(&a.id, ip("10.1.0.2")).unwrap();
+        tight.check_change(&two, &fewer).unwrap();
+        assert!(tight.check_change(&fewer, &two).is_err());
     }
 
     #[test]

@@ -40,6 +40,21 @@ pub enum StoreError {
         #[source]
         source: ConfigError,
     },
+    #[error(
+        "state file {}: not UTF-8 text (invalid byte at offset {offset}); lbd will not start \
+         over it (fix or move the file)",
+        path.display()
+    )]
+    NotText { path: PathBuf, offset: usize },
+    /// lbd always writes a `vip` key (`vip = []` when there are no VIPs): a file without one
+    /// was cut short (or emptied), and starting from it would silently drop every VIP.
+    #[error(
+        "state file {}: no `vip` key, so the file is empty or cut short (lbd always writes \
+         one, `vip = []` when there are no VIPs); lbd will not start over it (fix or move the \
+         file)",
+        path.display()
+    )]
+    Truncated { path: PathBuf },
     #[error("state file {}: cannot save: {step}: {source}", path.display())]
     Write {
         path: PathBuf,
@@ -64,10 +79,13 @@ impl StateStore {
         &self.path
     }
 
-    /// The saved state, or `None` when nothing was saved yet.
+    /// The saved state, or `None` when nothing was saved yet. Anything else that is not a
+    /// whole, valid state file (unreadable, a folder, not text, cut short, not TOML, unknown
+    /// keys, invalid VIPs) is an error naming the file and the problem; the file is left as
+    /// it is.
     pub fn load(&self) -> Result<Option<DesiredState>, StoreError> {
-        let text = match fs::read_to_string(&self.path) {
-            Ok(text) => text,
+        let bytes = match fs::read(&self.path) {
+            Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
                 return Err(StoreError::Read {
@@ -76,12 +94,22 @@ impl StateStore {
                 });
             }
         };
-        config::parse_state(&text)
-            .map(Some)
-            .map_err(|source| StoreError::Corrupt {
+        let text = String::from_utf8(bytes).map_err(|e| StoreError::NotText {
+            path: self.path.clone(),
+            offset: e.utf8_error().valid_up_to(),
+        })?;
+        let state = config::parse_state(&text).map_err(|source| StoreError::Corrupt {
+            path: self.path.clone(),
+            source,
+        })?;
+        // Parsed, so this second read of the text cannot fail on syntax.
+        let has_vip = toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.contains_key("vip"));
+        if !has_vip {
+            return Err(StoreError::Truncated {
                 path: self.path.clone(),
-                source,
-            })
+            });
+        }
+        Ok(Some(state))
     }
 
     /// Replaces the saved state atomically.
@@ -185,6 +213,79 @@ mod tests {
         );
         assert!(e.contains("will not start over it"), "{e}");
         assert_eq!(fs::read_to_string(&path).unwrap(), truncated);
+    }
+
+    /// Every kind of damaged state file is refused with the file and the problem named (toml's
+    /// line and column where it has them), and left byte for byte as it was.
+    #[test]
+    fn damaged_files_are_refused_with_the_problem_named() {
+        let dir = TempDir::new("damaged");
+        let path = dir.0.join("state.toml");
+        let store = StateStore::new(&path);
+        store.save(&example()).unwrap();
+        let full = fs::read(&path).unwrap();
+        let header_only = HEADER.as_bytes().to_vec();
+        let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+            (
+                "truncated",
+                full[..full.len() * 2 / 3].to_vec(),
+                &["TOML parse error at line", "column"],
+            ),
+            (
+                "garbage",
+                b"\x7fELF\x02\x01\x01\0\0\xff\xfe".to_vec(),
+                &["not UTF-8 text (invalid byte at offset 9)"],
+            ),
+            (
+                "text garbage",
+                b"}}}} not toml at all".to_vec(),
+                &["TOML parse error at line 1, column 1"],
+            ),
+            (
+                "wrong schema: a config file",
+                b"[settings]\nmax_vips = 4\n".to_vec(),
+                &["line 1", "unknown field `settings`, expected `vip`"],
+            ),
+            (
+                "wrong schema: JSON",
+                br#"{"vip": []}"#.to_vec(),
+                &["TOML parse error at line 1"],
+            ),
+            (
+                "wrong schema: wrong type",
+                b"vip = \"10.0.0.1:80/tcp\"\n".to_vec(),
+                &["line 1", "invalid type: string"],
+            ),
+            ("empty", Vec::new(), &["no `vip` key", "empty or cut short"]),
+            ("only the header", header_only, &["no `vip` key"]),
+        ];
+        for (what, bytes, wants) in cases {
+            fs::write(&path, &bytes).unwrap();
+            let e = store.load().unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("state file {}:", path.display())),
+                "{what}: {e}"
+            );
+            assert!(e.contains("will not start over it"), "{what}: {e}");
+            for want in wants {
+                assert!(e.contains(want), "{what}: want {want:?} in {e}");
+            }
+            assert_eq!(fs::read(&path).unwrap(), bytes, "{what}: the file changed");
+        }
+        // An empty state as lbd writes it is fine.
+        store.save(&DesiredState::default()).unwrap();
+        assert_eq!(store.load().unwrap(), Some(DesiredState::default()));
+
+        // A folder where the file should be.
+        fs::remove_file(&path).unwrap();
+        fs::create_dir(&path).unwrap();
+        let e = store.load().unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("state file {}: cannot read:", path.display())),
+            "{e}"
+        );
+        assert!(e.contains("Is a directory"), "{e}");
+        assert!(path.is_dir());
     }
 
     #[test]

@@ -675,3 +675,251 @@ impl ServedTopology {
         std::net::SocketAddr::new(IpAddr::V4(self.topo.vip), self.port)
     }
 }
+
+/// lbd's memory from `/proc/<pid>/status`: (`VmRSS`, `VmHWM`) in KiB.
+pub fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Resets `VmHWM` (the peak resident size) of `pid` to its current size (`clear_refs` 5), so a
+/// later peak measures only what happened since.
+pub fn reset_peak_memory(pid: u32) -> Result<()> {
+    fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .with_context(|| format!("resetting the peak RSS of {pid}"))
+}
+
+/// Whether `pid` is alive: it exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// lbd alone for start-up and socket tests: a namespace of its own with only `lo` (generic
+/// XDP), metrics off, an empty config, and its state under a run folder. [`BareLbd::run`] runs
+/// one lbd to its exit (a refusal at start); [`BareLbd::start`] keeps one running. Drop stops
+/// them and removes the pins and the folder.
+pub struct BareLbd {
+    pub ns: Netns,
+    /// `/run/lb-test/<ns>`: the config, the state file and the sockets the test picks.
+    pub run_dir: PathBuf,
+    pub pin_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub state_path: PathBuf,
+    pids: std::sync::Mutex<Vec<u32>>,
+}
+
+impl BareLbd {
+    pub fn new(label: &str) -> Result<Self> {
+        STALE_CLEANUP.call_once(cleanup_stale);
+        let ns = Netns::new(label)?;
+        let tag = ns.name().to_owned();
+        let run_dir = Path::new(RUN_ROOT).join(&tag);
+        if run_dir.exists() {
+            fs::remove_dir_all(&run_dir)
+                .with_context(|| format!("removing stale {}", run_dir.display()))?;
+        }
+        fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("chmod {}", run_dir.display()))?;
+        let config_path = run_dir.join("lb.toml");
+        fs::write(&config_path, "").context("writing lbd config")?;
+        Ok(Self {
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
+            state_path: run_dir.join("state.toml"),
+            config_path,
+            run_dir,
+            ns,
+            pids: std::sync::Mutex::default(),
+        })
+    }
+
+    /// lbd in the namespace on `lo` with `--socket socket` and `extra` arguments.
+    pub fn command(&self, socket: &Path, extra: &[&str]) -> Result<std::process::Command> {
+        let mut cmd = self.ns.command(workspace_bin("lbd")?);
+        cmd.args([
+            "--iface",
+            "lo",
+            "--xdp-mode",
+            "generic",
+            "--metrics-addr",
+            "off",
+        ])
+        .arg("--config")
+        .arg(&self.config_path)
+        .arg("--bpffs")
+        .arg(&self.pin_dir)
+        .arg("--state")
+        .arg(&self.state_path)
+        .arg("--socket")
+        .arg(socket)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+        Ok(cmd)
+    }
+
+    /// Runs lbd until it exits on its own (at most `timeout`): its status and output.
+    pub fn run(
+        &self,
+        socket: &Path,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> Result<crate::lbctl::Run> {
+        let cmd = self.command(socket, extra)?;
+        let mut args = vec![
+            "lbd".to_owned(),
+            "--socket".to_owned(),
+            socket.display().to_string(),
+        ];
+        args.extend(extra.iter().map(ToString::to_string));
+        run_bounded(cmd, args, timeout)
+    }
+
+    /// Starts lbd and waits until its socket accepts connections; returns its pid.
+    pub fn start(&self, socket: &Path, extra: &[&str]) -> Result<u32> {
+        let log_path = self.run_dir.join(format!(
+            "lbd-{}.log",
+            self.pids.lock().map_or(0, |p| p.len())
+        ));
+        let log = fs::File::create(&log_path).context("creating the lbd log")?;
+        let mut cmd = self.command(socket, extra)?;
+        cmd.stdout(Stdio::null()).stderr(log);
+        let pid = self.ns.spawn(cmd)?;
+        if let Ok(mut pids) = self.pids.lock() {
+            pids.push(pid);
+        }
+        let started = Instant::now();
+        loop {
+            if UnixStream::connect(socket).is_ok() {
+                return Ok(pid);
+            }
+            let log = || fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(status) = self.ns.try_wait(pid)? {
+                bail!("lbd exited early ({status}):\n{}", log());
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                bail!("lbd not ready after {READY_TIMEOUT:?}:\n{}", log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops an lbd [`BareLbd::start`] started (SIGTERM, then SIGKILL).
+    pub fn stop(&self, pid: u32) -> Result<()> {
+        if let Ok(mut pids) = self.pids.lock() {
+            pids.retain(|p| *p != pid);
+        }
+        self.ns.stop(pid).map(drop)
+    }
+
+    /// What lbd left in the data plane: its pin folder, and an XDP program on `lo`. `None`
+    /// when there is neither.
+    pub fn data_plane_trace(&self) -> Result<Option<String>> {
+        let mut found = Vec::new();
+        if fs::symlink_metadata(&self.pin_dir).is_ok() {
+            found.push(format!("{} exists", self.pin_dir.display()));
+        }
+        let link = self.ns.ip(["-d", "link", "show", "dev", "lo"])?;
+        if link.contains("xdp") {
+            found.push(format!("lo carries an XDP program: {}", link.trim()));
+        }
+        Ok((!found.is_empty()).then(|| found.join("; ")))
+    }
+}
+
+impl Drop for BareLbd {
+    fn drop(&mut self) {
+        let pids = self.pids.lock().map(|p| p.clone()).unwrap_or_default();
+        for pid in pids {
+            let _ = self.ns.stop(pid);
+        }
+        let _ = fs::remove_dir_all(&self.pin_dir);
+        let _ = fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+// ---- Robustness (issue 7): limits, the state file, signals --------------------------------
+// lbd stopped by SIGTERM, and started again with extra arguments (such as `--detach-on-exit`)
+// or another state file, with the same readiness wait as `Lbd::start`.
+
+impl Lbd<'_> {
+    /// SIGTERM, as systemd stops lbd; waits for it to exit (SIGKILL after the harness's grace
+    /// period) and returns how it exited. The process is forgotten afterwards.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let pid = self.pid.take().context("lbd is not running")?;
+        self.ns.stop(pid)
+    }
+
+    /// Starts lbd again (after [`Lbd::terminate`] or [`Lbd::kill`]) with the usual arguments
+    /// plus `extra`, and waits until it is ready. [`Lbd::state_path`] may have been changed.
+    pub fn spawn_with_args(&mut self, extra: &[&str]) -> Result<()> {
+        anyhow::ensure!(self.pid.is_none(), "lbd is still running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .context("opening lbd log")?;
+        let log_start = log.metadata().map_or(0, |m| m.len()) as usize;
+        let mut cmd = self.ns.command(workspace_bin("lbd")?);
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .arg("--bpffs")
+            .arg(&self.pin_dir)
+            .arg("--socket")
+            .arg(&self.socket_path)
+            .arg("--state")
+            .arg(&self.state_path)
+            .arg("--flow-table-size")
+            .arg(self.options.flow_table_size.to_string())
+            .arg("--ring-pool")
+            .arg(self.options.ring_pool.to_string())
+            .args(["--xdp-mode", mode_name(self.mode)])
+            .args(extra)
+            .env("RUST_LOG", "info,lb_userspace=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for iface in &self.ifaces {
+            cmd.args(["--iface", iface]);
+        }
+        let started = Instant::now();
+        let pid = self.ns.spawn(cmd)?;
+        self.pid = Some(pid);
+        loop {
+            let ready = self
+                .ifaces
+                .iter()
+                .all(|i| self.pin_dir.join("links").join(i).exists())
+                && self
+                    .log()
+                    .get(log_start..)
+                    .unwrap_or("")
+                    .contains("lbd running")
+                && UnixStream::connect(&self.socket_path).is_ok();
+            if ready {
+                return Ok(());
+            }
+            if let Some(status) = self.ns.try_wait(pid)? {
+                self.pid = None;
+                bail!("lbd exited early ({status}):\n{}", self.log());
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                bail!("lbd not ready after {READY_TIMEOUT:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

@@ -31,8 +31,9 @@ struct Args {
     /// bpffs folder for pinned maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
-    /// Flow table capacity (used when the table is first created).
-    #[arg(long, default_value_t = maps::DEFAULT_FLOWS)]
+    /// Flow table capacity (used when the table is first created): 1..=134217728 (2^27), and
+    /// its memory (about 120 bytes an entry) must fit in the host's available memory.
+    #[arg(long, default_value_t = maps::DEFAULT_FLOWS, value_parser = parse_flow_table_size)]
     flow_table_size: u32,
     /// Maglev table pool in entries (used when the pool is first created).
     #[arg(long, default_value_t = maps::DEFAULT_RING_POOL)]
@@ -56,6 +57,20 @@ struct Args {
     /// Address of `/metrics` (Prometheus) and the status page at `/`; `off` serves neither.
     #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = parse_metrics_addr)]
     metrics_addr: MetricsAddr,
+    /// On SIGTERM or SIGINT, detach the XDP and tc programs and remove every pin (the --bpffs
+    /// folder) before exiting, so nothing of lbd stays in the kernel. Without it lbd leaves the
+    /// data plane pinned and forwarding for the next lbd to adopt.
+    #[arg(long)]
+    detach_on_exit: bool,
+}
+
+/// `--flow-table-size`: a count within the kernel's bounds.
+fn parse_flow_table_size(text: &str) -> Result<u32, String> {
+    let entries: u32 = text
+        .parse()
+        .map_err(|e| format!("{e}: give a number of entries"))?;
+    kernel::check_flow_table_size(entries).map_err(|e| e.to_string())?;
+    Ok(entries)
 }
 
 /// `--metrics-addr`: an address, or off.
@@ -82,7 +97,36 @@ enum Cmd {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {}", report(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, leaving out a cause whose text the error before it already
+/// quotes (most of lbd's errors say their cause, so the whole chain repeats itself: a TOML
+/// error would show three times).
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !last.contains(&text) {
+            if !out.is_empty() {
+                out.push_str("\n  caused by: ");
+            }
+            out.push_str(&text);
+        }
+        last = text;
+    }
+    out
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -112,6 +156,9 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    // Only a table lbd creates takes memory; one already pinned is adopted as it is.
+    kernel::check_flow_table_memory(args.flow_table_size, &args.bpffs)
+        .with_context(|| format!("--flow-table-size {}", args.flow_table_size))?;
     let opts = AgentOptions {
         ifaces: args.ifaces,
         mode: args.xdp_mode,
@@ -126,6 +173,7 @@ fn main() -> anyhow::Result<()> {
         },
         resolve_interval: Duration::from_secs(args.resolve_interval.max(1)),
         metrics_addr: args.metrics_addr.0,
+        detach_on_exit: args.detach_on_exit,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

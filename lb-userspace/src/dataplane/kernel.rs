@@ -7,6 +7,7 @@
 
 mod batch;
 mod counters;
+mod detach;
 mod hc;
 mod log;
 mod upgrade;
@@ -33,6 +34,7 @@ use lb_common::{BackendSlot, FlowKey, FlowValue, GlobalConfig, VipKey, VipMeta, 
 pub use self::upgrade::upgrade;
 pub use batch::update_entries;
 pub use counters::KernelCounters;
+pub use detach::Detached;
 
 use super::{CounterTable, DataPlane, DataPlaneError, FlowTable};
 
@@ -89,6 +91,89 @@ impl Default for LoadOptions {
             ring_pool_size: maps::DEFAULT_RING_POOL,
         }
     }
+}
+
+/// Largest flow table (`--flow-table-size`): 2^27 entries. The kernel sizes a hash map's bucket
+/// array at the next power of two of its entries, 16 bytes a bucket, and refuses more than
+/// `U32_MAX / 16` buckets (`htab_map_alloc`), so 2^27 is the most it creates; that is about
+/// 15 GiB of memory (see [`flow_table_bytes`]).
+pub const MAX_FLOW_TABLE_SIZE: u32 = 1 << 27;
+
+/// Kernel memory a flow table of `entries` takes, all allocated when it is created (the LRU
+/// hash is preallocated): per entry the kernel's element header (48 bytes) plus the key and
+/// value rounded to 8 bytes (40 + 16), and per bucket 16 bytes, buckets being the next power
+/// of two of the entries. 1M entries: about 120 MiB.
+pub fn flow_table_bytes(entries: u32) -> u64 {
+    const ELEM_HEADER: u64 = 48;
+    const BUCKET: u64 = 16;
+    let round8 = |n: usize| (n as u64).div_ceil(8) * 8;
+    let elem = ELEM_HEADER + round8(size_of::<FlowKey>()) + round8(size_of::<FlowValue>());
+    u64::from(entries) * elem + u64::from(entries).next_power_of_two() * BUCKET
+}
+
+/// Why a flow-table size cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowTableSizeError {
+    #[error("must be at least 1")]
+    Zero,
+    #[error(
+        "{entries} is above the maximum of {MAX_FLOW_TABLE_SIZE} (2^27: the kernel refuses \
+         larger hash maps)"
+    )]
+    TooLarge { entries: u32 },
+    #[error(
+        "{entries} entries need about {need} MiB of kernel memory ({per_entry} bytes an entry), \
+         more than the {available} MiB this host has available (MemAvailable)",
+        need = bytes / (1 << 20),
+        available = available / (1 << 20),
+        per_entry = bytes / u64::from(*entries)
+    )]
+    NoMemory {
+        entries: u32,
+        bytes: u64,
+        available: u64,
+    },
+    #[error("reading /proc/meminfo: {0}")]
+    MemInfo(#[source] io::Error),
+}
+
+/// Refuses a flow-table size of 0 or above [`MAX_FLOW_TABLE_SIZE`].
+pub fn check_flow_table_size(entries: u32) -> Result<(), FlowTableSizeError> {
+    match entries {
+        0 => Err(FlowTableSizeError::Zero),
+        n if n > MAX_FLOW_TABLE_SIZE => Err(FlowTableSizeError::TooLarge { entries }),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a flow table that would not fit in the host's available memory. Only a table lbd
+/// creates allocates memory, so a table already pinned under `pin_dir` (adopted as it is,
+/// whatever size is asked) passes.
+pub fn check_flow_table_memory(entries: u32, pin_dir: &Path) -> Result<(), FlowTableSizeError> {
+    if pin_dir.join("maps").join(maps::FLOWS).exists() {
+        return Ok(());
+    }
+    let meminfo = fs::read_to_string("/proc/meminfo").map_err(FlowTableSizeError::MemInfo)?;
+    let available = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or_else(|| FlowTableSizeError::MemInfo(io::Error::other("no MemAvailable line")))?
+        * 1024;
+    fits_in_memory(entries, available)
+}
+
+/// Refuses a flow table larger than `available` bytes.
+fn fits_in_memory(entries: u32, available: u64) -> Result<(), FlowTableSizeError> {
+    let bytes = flow_table_bytes(entries);
+    if bytes > available {
+        return Err(FlowTableSizeError::NoMemory {
+            entries,
+            bytes,
+            available,
+        });
+    }
+    Ok(())
 }
 
 /// Whether `attach` found a pinned link and swapped the program inside it, or made a new one.
@@ -172,7 +257,7 @@ impl FlowTable for KernelFlows {
 }
 
 /// Every map of the balancer object, all pinned.
-const PINNED_MAPS: [&str; 10] = maps::BALANCER_MAPS;
+const PINNED_MAPS: [&str; maps::BALANCER_MAPS.len()] = maps::BALANCER_MAPS;
 
 impl KernelDataPlane {
     /// Loads `lb_xdp`, reopening every map already pinned under `pin_dir` and creating and
@@ -465,6 +550,10 @@ impl DataPlane for KernelDataPlane {
             .map_err(|e| DataPlaneError::map(maps::CONFIG, e))
     }
 
+    fn set_flow_guard(&mut self, limit: u32) -> Result<(), DataPlaneError> {
+        self.counters.set_guard_limit(limit)
+    }
+
     fn set_config(&mut self, config: &GlobalConfig) -> Result<(), DataPlaneError> {
         self.config
             .set(0, config, 0)
@@ -575,5 +664,61 @@ impl DataPlane for KernelDataPlane {
 
     fn reset_backend_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {
         self.counters.reset_backend(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_table_sizes_are_bounded() {
+        assert!(matches!(
+            check_flow_table_size(0),
+            Err(FlowTableSizeError::Zero)
+        ));
+        check_flow_table_size(1).unwrap();
+        check_flow_table_size(MAX_FLOW_TABLE_SIZE).unwrap();
+        let e = check_flow_table_size(MAX_FLOW_TABLE_SIZE + 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "134217729 is above the maximum of 134217728 (2^27: the kernel refuses larger hash \
+             maps)"
+        );
+        // 104 bytes an element and 16 a bucket: 1M entries are 120 MiB (the README's "about
+        // 100 MB" for a 1M table), the largest table 15 GiB.
+        assert_eq!(flow_table_bytes(1 << 20), 120 << 20);
+        assert_eq!(flow_table_bytes(MAX_FLOW_TABLE_SIZE), 15 << 30);
+        assert_eq!(flow_table_bytes(3), 3 * 104 + 4 * 16);
+    }
+
+    /// Removes a test's temp folder even when the test fails.
+    struct Cleanup(PathBuf);
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            fs::remove_dir_all(&self.0).ok();
+        }
+    }
+
+    #[test]
+    fn memory_check_names_both_sizes_and_skips_an_adopted_table() {
+        let dir = std::env::temp_dir().join(format!("lb-flow-size-{}", std::process::id()));
+        let huge = MAX_FLOW_TABLE_SIZE;
+        fits_in_memory(1 << 20, 120 << 20).unwrap();
+        let e = fits_in_memory(1 << 20, 100 << 20).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "1048576 entries need about 120 MiB of kernel memory (120 bytes an entry), more \
+             than the 100 MiB this host has available (MemAvailable)"
+        );
+        // This host: a small table fits; checking reads /proc/meminfo.
+        check_flow_table_memory(1 << 16, &dir).unwrap();
+        // An existing (pinned) table is adopted as it is: nothing to allocate.
+        let _cleanup = Cleanup(dir.clone());
+        fs::create_dir_all(dir.join("maps")).unwrap();
+        fs::write(dir.join("maps").join(maps::FLOWS), "").unwrap();
+        check_flow_table_memory(huge, &dir).unwrap();
+        check_flow_table_memory(1, &dir).unwrap();
     }
 }
