@@ -3,12 +3,14 @@
 #![no_std]
 
 pub mod config;
+pub mod guard;
 pub mod hash;
 pub mod keys;
 pub mod maps;
 pub mod stats;
 
 pub use config::GlobalConfig;
+pub use guard::GuardState;
 pub use keys::{BackendSlot, FlowKey, FlowValue, VipKey, VipMeta};
 pub use stats::{Counter, DropReason, TrafficCounters};
 
@@ -23,4 +25,5 @@ mod pod {
     unsafe impl aya::Pod for crate::BackendSlot {}
     unsafe impl aya::Pod for crate::TrafficCounters {}
     unsafe impl aya::Pod for crate::GlobalConfig {}
+    unsafe impl aya::Pod for crate::GuardState {}
 }

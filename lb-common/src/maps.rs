@@ -11,8 +11,11 @@ pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
 pub const GLOBAL_STATS: &str = "LB_GLOBAL_STATS";
 pub const CONFIG: &str = "LB_CONFIG";
 pub const TX_PORTS: &str = "LB_TX_PORTS";
+/// The new-flow rate guard's limit (one u32) and per-CPU state (`GuardState`).
+pub const GUARD_LIMIT: &str = "LB_GUARD_LIMIT";
+pub const GUARD_STATE: &str = "LB_GUARD_STATE";
 /// Every map of the balancer object (all pinned by lbd).
-pub const BALANCER_MAPS: [&str; 10] = [
+pub const BALANCER_MAPS: [&str; 12] = [
     VIPS,
     VIP_ADDRS,
     RINGS,
@@ -23,6 +26,8 @@ pub const BALANCER_MAPS: [&str; 10] = [
     GLOBAL_STATS,
     CONFIG,
     TX_PORTS,
+    GUARD_LIMIT,
+    GUARD_STATE,
 ];
 /// `lb_decap`'s set of VIP addresses it decapsulates for (key: `VipKey` with port and proto zero).
 pub const DECAP_VIPS: &str = "LB_DECAP_VIPS";

@@ -15,6 +15,8 @@ pub mod decap;
 pub mod egress;
 pub mod encap;
 #[cfg(feature = "balancer")]
+pub mod guard;
+#[cfg(feature = "balancer")]
 pub mod hc;
 pub mod knockout;
 #[cfg(feature = "balancer")]

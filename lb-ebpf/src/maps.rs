@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendSlot, FlowKey, FlowValue, GlobalConfig, TrafficCounters, VipKey, VipMeta,
+    BackendSlot, FlowKey, FlowValue, GlobalConfig, GuardState, TrafficCounters, VipKey, VipMeta,
     maps::{DEFAULT_FLOWS, DEFAULT_RING_POOL, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIP_ADDRS, MAX_VIPS},
     stats::COUNTER_COUNT,
 };
@@ -51,6 +51,13 @@ pub static LB_GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COU
 
 #[map(name = "LB_CONFIG")]
 pub static LB_CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+/// The new-flow rate guard (`lb_common::guard`): the limit lbd sets, and each CPU's count.
+#[map(name = "LB_GUARD_LIMIT")]
+pub static LB_GUARD_LIMIT: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "LB_GUARD_STATE")]
+pub static LB_GUARD_STATE: PerCpuArray<GuardState> = PerCpuArray::with_max_entries(1, 0);
 
 /// Egress interfaces other than the ingress one, keyed by ifindex.
 #[map(name = "LB_TX_PORTS")]

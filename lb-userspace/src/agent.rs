@@ -62,6 +62,22 @@ pub enum AgentError {
     Signal(#[source] std::io::Error),
     #[error("health-check thread: {0}")]
     HealthThread(#[source] std::io::Error),
+    /// The saved state is above a limit the config file sets (limits lowered while lbd was
+    /// stopped): lbd will not run a state its own config refuses.
+    #[error(
+        "state file {}: {source}; raise the limit in {} or remove VIPs or backends from the \
+         state file",
+        state.display(),
+        config.display()
+    )]
+    OverLimit {
+        state: PathBuf,
+        config: PathBuf,
+        #[source]
+        source: crate::model::ModelError,
+    },
+    #[error("--detach-on-exit: {0}")]
+    Detach(#[source] DataPlaneError),
 }
 
 /// A runtime on its own thread for the health checks, so fsyncs, map writes and table builds
@@ -108,6 +124,9 @@ pub struct AgentOptions {
     pub resolve_interval: Duration,
     /// Where `/metrics` and the status page are served; `None`: nowhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// On SIGTERM/SIGINT, detach the programs and remove every pin instead of leaving the
+    /// data plane forwarding.
+    pub detach_on_exit: bool,
 }
 
 /// Health probes running at once, at most: enough for thousands of backends at a 1 s
@@ -623,6 +642,12 @@ impl Agent {
     fn reload(&mut self) {
         match load_config(&self.opts.config_path) {
             Ok(new) => {
+                // Lowered limits must hold for what runs now, as they would at a restart.
+                if let Err(e) = new.settings.limits().check(self.control.state()) {
+                    tracing::error!(error = %e, path = %self.opts.config_path.display(),
+                        "config reload rejected: the running state is above its limits; keeping the running config");
+                    return;
+                }
                 tracing::info!(path = %self.opts.config_path.display(), cause = "SIGHUP", "config reloaded");
                 warn_if_vips_differ(&new, self.control.state());
                 self.control.settings = new.settings;
@@ -630,12 +655,33 @@ impl Agent {
                 if let Err(e) = self.control.dp_mut().set_config(&global) {
                     tracing::error!(error = %e, "writing the reloaded settings failed");
                 }
+                let limit = flow_guard_limit(new.settings, self.control.dp());
+                if let Err(e) = self.control.dp_mut().set_flow_guard(limit) {
+                    tracing::error!(error = %e, "writing the new-flow limit failed");
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "config reload rejected; keeping the running config");
             }
         }
     }
+}
+
+/// The new-flow rate guard's limit for `settings` on this data plane's flow table and CPUs.
+fn flow_guard_limit(settings: Settings, dp: &KernelDataPlane) -> u32 {
+    // The flow table's LRU lists are per possible CPU, as aya counts them.
+    let cpus = aya::util::nr_cpus().map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX));
+    let limit = settings.new_flow_limit_for(dp.flow_table_size(), cpus);
+    tracing::info!(
+        limit,
+        cause = if settings.new_flow_limit.is_some() {
+            "config"
+        } else {
+            "default"
+        },
+        "new flows each CPU records per second at most (0: no limit)"
+    );
+    limit
 }
 
 /// The metrics label of a change's outcome.
@@ -666,13 +712,25 @@ fn warn_if_vips_differ(config: &Config, running: &DesiredState) {
     }
 }
 
-/// The saved state, or (first start) the config file's VIPs, saved.
+/// The saved state, or (first start) the config file's VIPs, saved. A state file that is
+/// there but not whole and valid (see [`StateStore::load`]), or that is above the config's
+/// limits, stops lbd with the file and the problem named; it is never overwritten.
 fn restore_state(
     path: &std::path::Path,
     config: &Config,
+    config_path: &std::path::Path,
 ) -> Result<(StateStore, DesiredState), AgentError> {
     let store = StateStore::new(path);
     let state = if let Some(saved) = store.load()? {
+        config
+            .settings
+            .limits()
+            .check(&saved)
+            .map_err(|source| AgentError::OverLimit {
+                state: path.to_owned(),
+                config: config_path.to_owned(),
+                source,
+            })?;
         tracing::info!(path = %store.path().display(), vips = saved.vips.len(), "restored the saved state");
         warn_if_vips_differ(config, &saved);
         saved
@@ -705,7 +763,8 @@ fn spawn_metrics_server(
     stop
 }
 
-/// Runs lbd until SIGINT or SIGTERM. The data plane stays pinned and forwarding afterwards.
+/// Runs lbd until SIGINT or SIGTERM. The data plane stays pinned and forwarding afterwards,
+/// unless `detach_on_exit` asks to take it out of the kernel.
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     // Handlers first: a SIGHUP (systemctl reload) or SIGTERM during start-up must not kill lbd
     // by the default action halfway through adopting the data plane.
@@ -713,7 +772,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
     let config = load_config(&opts.config_path)?;
-    let (store, state) = restore_state(&opts.state_path, &config)?;
+    let (store, state) = restore_state(&opts.state_path, &config, &opts.config_path)?;
     // The socket first: a bad socket path stops lbd before it touches the data plane.
     let listener = api::server::bind(&opts.socket, opts.socket_group.as_deref())?;
     let metrics_listener = match opts.metrics_addr {
@@ -723,6 +782,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 
     let mut dp = KernelDataPlane::load(&opts.load)?;
     let clock = PublishedClock::start(&mut dp, config.settings)?;
+    dp.set_flow_guard(flow_guard_limit(config.settings, &dp))?;
     let reconciler = Reconciler::adopt(&dp, DEFAULT_QUARANTINE)?;
     // Start from the next hops the adopted slots hold, so a neighbour entry that is briefly
     // unusable at restart does not take a backend (and its flows) down.
@@ -809,12 +869,40 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             }
         }
     }
-    tracing::info!("lbd stopping; the data plane stays pinned and forwarding");
-    let _ = stop_tx.send(());
-    if let Some(stop) = metrics_stop {
+    shut_down(&mut agent, stop_tx, metrics_stop, server).await
+}
+
+/// After SIGTERM or SIGINT: stops the servers, then (`--detach-on-exit`) takes the data plane
+/// out of the kernel; otherwise leaves it pinned and forwarding.
+async fn shut_down(
+    agent: &mut Agent,
+    stop_api: oneshot::Sender<()>,
+    stop_metrics: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), api::server::ServerError>>,
+) -> Result<(), AgentError> {
+    if agent.opts.detach_on_exit {
+        tracing::info!("lbd stopping; detaching the data plane (--detach-on-exit)");
+    } else {
+        tracing::info!("lbd stopping; the data plane stays pinned and forwarding");
+    }
+    let _ = stop_api.send(());
+    if let Some(stop) = stop_metrics {
         let _ = stop.send(());
     }
     // Requests in flight get their answer or a closed connection; either is fine at exit.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    if agent.opts.detach_on_exit {
+        // No request can change the maps any more: the loop that applies them has ended.
+        detach(agent.control.dp_mut())?;
+    }
+    Ok(())
+}
+
+/// `--detach-on-exit`: programs detached, every pin and the pin folder removed.
+fn detach(dp: &mut KernelDataPlane) -> Result<(), AgentError> {
+    let detached = dp.detach_and_unpin().map_err(AgentError::Detach)?;
+    tracing::info!(xdp = ?detached.xdp, tc = ?detached.hc, map_pins = detached.maps,
+        pins = %dp.pin_dir().display(),
+        "data plane detached and unpinned; it goes with lbd's last descriptors");
     Ok(())
 }

@@ -19,7 +19,7 @@ use lb_common::GlobalConfig;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 use thiserror::Error;
 
-use crate::model::{DesiredState, ModelError, ParseError, VipSpec};
+use crate::model::{DesiredState, Limits, ModelError, ParseError, VipSpec};
 
 /// A parsed and validated configuration file.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,9 +32,23 @@ pub struct Config {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// Outer IPv4 source of encapsulated packets: `prefix | (flow hash & host bits)`.
+    /// Outer IPv4 source of encapsulated packets: `prefix | (entropy & host bits)`.
     #[serde(rename = "encap_source_prefix", default = "default_encap_source")]
     pub encap_source: Ipv4Prefix,
+    /// Most VIPs lbd accepts (`1..=MAX_VIPS`).
+    #[serde(default = "default_max_vips")]
+    pub max_vips: u32,
+    /// Most backends over all VIPs (`1..=MAX_BACKENDS`): each takes a data-plane slot.
+    #[serde(default = "default_max_backends")]
+    pub max_backends: u32,
+    /// Most backends of one VIP (`1..=MAX_BACKENDS`).
+    #[serde(default = "default_max_backends")]
+    pub max_backends_per_vip: u32,
+    /// The new-flow rate guard: new flows each CPU records in the flow table per second at
+    /// most (0: no limit). Unset: a tenth of each CPU's share of the table
+    /// ([`Settings::new_flow_limit_for`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flow_limit: Option<u32>,
 }
 
 /// 172.16.0.0/16, Katran's choice too: a private range that gives 16 bits of per-flow
@@ -49,15 +63,63 @@ fn default_encap_source() -> Ipv4Prefix {
     DEFAULT_ENCAP_SOURCE
 }
 
+fn default_max_vips() -> u32 {
+    Limits::HARD.max_vips
+}
+
+fn default_max_backends() -> u32 {
+    Limits::HARD.max_backends
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
             encap_source: DEFAULT_ENCAP_SOURCE,
+            max_vips: Limits::HARD.max_vips,
+            max_backends: Limits::HARD.max_backends,
+            max_backends_per_vip: Limits::HARD.max_backends_per_vip,
+            new_flow_limit: None,
         }
     }
 }
 
 impl Settings {
+    /// The operator's maximums on VIPs and backends.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_vips: self.max_vips,
+            max_backends: self.max_backends,
+            max_backends_per_vip: self.max_backends_per_vip,
+        }
+    }
+
+    /// Refuses a limit of 0 or above what the data plane has room for.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let hard = Limits::HARD;
+        for (key, value, max) in [
+            ("max_vips", self.max_vips, hard.max_vips),
+            ("max_backends", self.max_backends, hard.max_backends),
+            (
+                "max_backends_per_vip",
+                self.max_backends_per_vip,
+                hard.max_backends_per_vip,
+            ),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(ConfigError::Limit { key, value, max });
+            }
+        }
+        Ok(())
+    }
+
+    /// The guard's limit for a flow table of `table_size` entries over `cpus` CPUs: the
+    /// setting, or a tenth of each CPU's share of the table, so that a flood turns the table
+    /// over in ten seconds at the fastest (at least 1).
+    pub fn new_flow_limit_for(&self, table_size: u32, cpus: u32) -> u32 {
+        self.new_flow_limit
+            .unwrap_or_else(|| (table_size / cpus.max(1) / 10).max(1))
+    }
+
     /// The data plane's `LB_CONFIG` value for these settings.
     pub fn global_config(&self) -> GlobalConfig {
         GlobalConfig {
@@ -174,12 +236,24 @@ pub enum ConfigError {
     /// Well-formed but refused by the model's validation; the message names the field.
     #[error("{0}")]
     Invalid(#[source] ModelError),
+    /// A `[settings]` limit outside what the data plane can hold.
+    #[error("settings.{key}: {value} is out of range 1..={max} (the data plane's maximum)")]
+    Limit {
+        key: &'static str,
+        value: u32,
+        max: u32,
+    },
 }
 
 /// Parses and validates a configuration.
 pub fn parse_config(text: &str) -> Result<Config, ConfigError> {
     let file: File = toml::from_str(text).map_err(ConfigError::Syntax)?;
+    file.settings.validate()?;
     let state = DesiredState::from_vips(file.vip).map_err(ConfigError::Invalid)?;
+    file.settings
+        .limits()
+        .check(&state)
+        .map_err(ConfigError::Invalid)?;
     Ok(Config {
         settings: file.settings,
         state,
@@ -318,7 +392,41 @@ mod tests {
         assert_eq!(parse_config(&text).unwrap(), empty);
         let other = parse_config("[settings]\nencap_source_prefix = \"192.0.2.7/32\"").unwrap();
         assert_eq!(parse_config(&other.to_toml()).unwrap(), other);
+        let limited =
+            parse_config("[settings]\nmax_vips = 7\nmax_backends = 100\nmax_backends_per_vip = 10")
+                .unwrap();
+        assert_eq!(
+            limited.settings.limits(),
+            Limits {
+                max_vips: 7,
+                max_backends: 100,
+                max_backends_per_vip: 10
+            }
+        );
+        assert_eq!(parse_config(&limited.to_toml()).unwrap(), limited);
+        assert_eq!(Settings::default().limits(), Limits::HARD);
         assert_eq!(other.settings.global_config().encap_src_v4_mask, 0);
+    }
+
+    #[test]
+    fn new_flow_limit_defaults_to_a_tenth_of_each_cpus_share_per_second() {
+        let auto = Settings::default();
+        assert_eq!(auto.new_flow_limit_for(1 << 20, 2), 52_428);
+        assert_eq!(
+            auto.new_flow_limit_for(8, 4),
+            1,
+            "never 0 (off) by rounding"
+        );
+        let set = parse_config("[settings]\nnew_flow_limit = 200").unwrap();
+        assert_eq!(set.settings.new_flow_limit_for(1 << 20, 2), 200);
+        assert_eq!(parse_config(&set.to_toml()).unwrap(), set);
+        let off = parse_config("[settings]\nnew_flow_limit = 0").unwrap();
+        assert_eq!(off.settings.new_flow_limit_for(1 << 20, 2), 0);
+        assert!(
+            parse_err("[settings]\nnew_flow_limit = -1").contains("new_flow_limit"),
+            "{}",
+            parse_err("[settings]\nnew_flow_limit = -1")
+        );
     }
 
     #[test]
@@ -377,6 +485,7 @@ backends = [
 
     /// Every class of refusal, with the field it names.
     #[test]
+    #[allow(clippy::too_many_lines)] // a table of cases
     fn errors_name_the_field() {
         let vip = |body: &str| format!("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n{body}\n");
         let cases: Vec<(String, &str)> = vec![
@@ -461,6 +570,38 @@ backends = [
             (
                 format!("{}{}", vip(""), vip("")),
                 "vip[1].address: VIP \"10.0.0.1:80/tcp\" is a duplicate of vip[0]",
+            ),
+            // Limits: the key, its value and the range.
+            (
+                "[settings]\nmax_vips = 513".into(),
+                "settings.max_vips: 513 is out of range 1..=512 (the data plane's maximum)",
+            ),
+            (
+                "[settings]\nmax_backends = 0".into(),
+                "settings.max_backends: 0 is out of range 1..=8192",
+            ),
+            (
+                "[settings]\nmax_backends_per_vip = 100000".into(),
+                "settings.max_backends_per_vip: 100000 is out of range 1..=8192",
+            ),
+            (
+                "[settings]\nmax_vips = -1".into(),
+                "invalid value: integer `-1`, expected u32",
+            ),
+            (
+                format!(
+                    "[settings]\nmax_vips = 1\n{}[[vip]]\naddress = \"10.0.0.2:80/tcp\"\n",
+                    vip("")
+                ),
+                "vip: 2 VIPs exceed the limit of 1 (settings.max_vips)",
+            ),
+            (
+                format!(
+                    "[settings]\nmax_backends_per_vip = 1\n{}",
+                    vip("backends = [{ address = \"10.1.0.1\" }, { address = \"10.1.0.2\" }]")
+                ),
+                "vip[\"10.0.0.1:80/tcp\"].backends: 2 backends exceed the limit of 1 per VIP \
+                 (settings.max_backends_per_vip)",
             ),
         ];
         for (text, want) in cases {

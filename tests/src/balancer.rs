@@ -10,7 +10,7 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    BackendSlot, FlowKey, FlowValue, GlobalConfig, TrafficCounters, VipKey, VipMeta,
+    BackendSlot, FlowKey, FlowValue, GlobalConfig, GuardState, TrafficCounters, VipKey, VipMeta,
     hash::{encap_entropy, flow_hash},
     keys::{ENCAP_IPIP, FAMILY_V4, SLOT_ACTIVE, wire_addr},
     maps,
@@ -212,6 +212,47 @@ impl Lb {
         let mut flows: HashMap<_, FlowKey, FlowValue> =
             HashMap::try_from(self.ebpf.map_mut(maps::FLOWS).expect("LB_FLOWS")).expect("lru hash");
         flows.insert(key, value, 0).expect("set flow entry");
+    }
+
+    /// Sets the new-flow rate guard's limit (per CPU per tick; 0: none).
+    pub fn set_guard_limit(&mut self, limit: u32) {
+        let mut map: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(maps::GUARD_LIMIT)
+                .expect("LB_GUARD_LIMIT"),
+        )
+        .expect("array");
+        map.set(0, limit, 0).expect("set LB_GUARD_LIMIT");
+    }
+
+    /// New flows the rate guard left unrecorded, summed over CPUs.
+    pub fn guard_unrecorded(&self) -> u64 {
+        let state: PerCpuArray<_, GuardState> =
+            PerCpuArray::try_from(self.ebpf.map(maps::GUARD_STATE).expect("LB_GUARD_STATE"))
+                .expect("per-cpu array");
+        state
+            .get(&0, 0)
+            .expect("guard state")
+            .iter()
+            .map(|s| s.unrecorded)
+            .sum()
+    }
+
+    /// Publishes `tick` as the clock, as lbd does.
+    pub fn set_tick(&mut self, tick: u32) {
+        let mut config: Array<_, GlobalConfig> =
+            Array::try_from(self.ebpf.map_mut(maps::CONFIG).expect("LB_CONFIG")).expect("array");
+        let current = config.get(&0, 0).expect("LB_CONFIG");
+        config
+            .set(
+                0,
+                GlobalConfig {
+                    now_tick: tick,
+                    ..current
+                },
+                0,
+            )
+            .expect("set LB_CONFIG");
     }
 
     /// The backend slot the ring gives a new flow.

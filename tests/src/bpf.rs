@@ -21,6 +21,25 @@ pub const XDP_REDIRECT: u32 = 4;
 /// the caller's namespace, which is always ifindex 1: a slot egressing there needs no redirect.
 pub const TEST_RUN_IFINDEX: u32 = 1;
 
+/// Pins this thread to the CPU it is on. `BPF_PROG_TEST_RUN` runs a program on the caller's
+/// CPU, so a test of per-CPU state (the LRU lists, the rate guard) or a measurement must not
+/// migrate between runs.
+pub fn pin_to_current_cpu() -> anyhow::Result<()> {
+    // SAFETY: plain syscalls on this thread with a zeroed, then filled, cpu set.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        anyhow::ensure!(cpu >= 0, "sched_getcpu failed");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        anyhow::ensure!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 /// Whether this process is root; if not, says the test is skipped because it `needs` root for
 /// that (BPF maps, pins, namespaces...).
 pub fn is_root(needs: &str) -> bool {

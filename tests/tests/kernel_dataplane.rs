@@ -224,7 +224,7 @@ fn flow_table_scan_sees_every_entry_of_a_full_table() {
 }
 
 /// Every map lbd pins.
-const PINNED: [&str; 10] = maps::BALANCER_MAPS;
+const PINNED: [&str; maps::BALANCER_MAPS.len()] = maps::BALANCER_MAPS;
 
 fn map_ids(pins: &PinDir) -> Vec<u32> {
     PINNED

@@ -343,6 +343,65 @@ fn syn_on_a_closed_entry_opens_it_again() {
 }
 
 #[test]
+fn the_rate_guard_forwards_new_flows_over_its_limit_without_recording_them() {
+    if !is_root() {
+        return;
+    }
+    // The guard counts per CPU, and a test run runs on the caller's CPU.
+    bpf::pin_to_current_cpu().expect("pinning the test to its CPU");
+    let mut lb = standard();
+    lb.set_guard_limit(2);
+    let syn = |port: u16| packet::tcp_frame(client(port), vip_addr(), TCP_SYN, b"");
+    let key = |port: u16| flow_key(client(port), vip_addr(), PROTO_TCP);
+    let mut recorded = Vec::new();
+    for port in 41_000..41_005 {
+        let frame = syn(port);
+        let (run, counters) = lb.run_counting(&frame);
+        assert_eq!(run.action, XDP_TX, "port {port}: forwarded either way");
+        let slot = lb.predicted_slot(&key(port));
+        check_encapsulated(&frame, &run.frame, &lb.backend(slot), &key(port));
+        let expected = if port < 41_002 {
+            counted(&[Counter::Tx, Counter::NewFlows])
+        } else {
+            counted(&[Counter::Tx])
+        };
+        assert_eq!(counters, expected, "port {port}");
+        recorded.push(lb.flow(&key(port)).is_some());
+    }
+    assert_eq!(recorded, [true, true, false, false, false]);
+    assert_eq!(lb.guard_unrecorded(), 3);
+
+    // Over the limit, a recorded flow still hits, its retransmitted SYN too.
+    let (run, counters) = lb.run_counting(&syn(41_000));
+    assert_eq!(run.action, XDP_TX);
+    assert_eq!(counters, counted(&[Counter::Tx, Counter::FlowHits]));
+    assert_eq!(lb.guard_unrecorded(), 3, "a hit is not a new flow");
+
+    // The next tick: an unrecorded flow's next packet re-hashes to the same backend and is
+    // recorded now.
+    lb.set_tick(TEST_TICK + 1);
+    let ack = packet::tcp_frame(client(41_003), vip_addr(), TCP_ACK, b"data");
+    let (run, counters) = lb.run_counting(&ack);
+    assert_eq!(run.action, XDP_TX);
+    let slot = lb.predicted_slot(&key(41_003));
+    check_encapsulated(&ack, &run.frame, &lb.backend(slot), &key(41_003));
+    assert_eq!(
+        counters,
+        counted(&[Counter::Tx, Counter::NewFlows, Counter::FlowMisses])
+    );
+    let entry = lb.flow(&key(41_003)).expect("recorded in the next tick");
+    assert_eq!((entry.slot, entry.last_seen), (slot, TEST_TICK + 1));
+
+    // No limit: everything is recorded.
+    lb.set_guard_limit(0);
+    for port in 41_010..41_020 {
+        let (_, counters) = lb.run_counting(&syn(port));
+        assert_eq!(counters, counted(&[Counter::Tx, Counter::NewFlows]));
+    }
+    assert_eq!(lb.guard_unrecorded(), 3);
+}
+
+#[test]
 fn other_egress_interface_redirects_through_the_devmap() {
     // The devmap maps the slot's ifindex key to a real device; lo is always there.
     const ROUTED: u32 = 4242;

@@ -22,7 +22,9 @@ use lb_common::{
 };
 use lb_ebpf::{
     debug::{Choice, Dropped, Switch},
-    egress, encap, hc, knockout,
+    egress, encap,
+    guard::Guard,
+    hc, knockout,
     lookup::{self, Backend},
     parse::{self, Packet, Parsed},
     stats::{count, count_drop, count_traffic},
@@ -125,25 +127,35 @@ fn choose(
     tick: u32,
 ) -> Result<(Backend, bool, Choice), DropReason> {
     let flow = &packet.flow;
+    // The rate guard, read at most once per packet, and only when it may record a flow.
+    let mut guard = None;
     // A SYN nearly always opens a flow the table has never seen: record it first, and look the
     // table up only when an entry exists (a retransmitted SYN, or the port reused). One hash
     // table operation instead of two on the common path. Without a table backend, the entry
     // (a draining backend's, say) still decides below.
     if packet.syn
         && let Ok(backend) = lookup::ring_backend(vip, ring_hash(vip, flow))
-        && lookup::pin_new_flow(flow, backend, tick)
     {
-        count(Counter::NewFlows);
-        return Ok((backend, true, Choice::New));
+        let limit = *guard.insert(Guard::at(tick));
+        if limit.room() && lookup::pin_new_flow(flow, backend, tick) {
+            limit.recorded();
+            count(Counter::NewFlows);
+            return Ok((backend, true, Choice::New));
+        }
     }
     if let Some(backend) = lookup::pinned_backend(flow, tick, packet.syn, packet.fin_rst) {
         count(Counter::FlowHits);
         return Ok((backend, false, Choice::Hit));
     }
     let backend = lookup::ring_backend(vip, ring_hash(vip, flow))?;
-    let pinned = lookup::pin_flow(flow, backend, tick);
+    // Over the guard's limit the flow still goes to the table's backend, unrecorded.
+    let guard = guard.unwrap_or_else(|| Guard::at(tick));
+    let pinned = guard.room() && lookup::pin_flow(flow, backend, tick);
     if pinned {
+        guard.recorded();
         count(Counter::NewFlows);
+    } else if !guard.room() {
+        guard.unrecorded();
     }
     // A SYN, or a UDP datagram (UDP has no handshake: any unknown flow is new).
     let choice = if packet.syn || flow.proto == PROTO_UDP {

@@ -272,6 +272,11 @@ pub struct FlowTableStats {
     pub capacity: u64,
     /// Entries in it at the last scan (live or not yet evicted).
     pub entries: u64,
+    /// The new-flow rate guard: new flows each CPU records per tick (about a second) at most;
+    /// 0: no limit.
+    pub guard_limit: u32,
+    /// New flows forwarded but not recorded because their CPU had reached the guard's limit.
+    pub unrecorded: u64,
 }
 
 /// The data plane's debug logging (`lbctl debug on|off`).

@@ -12,7 +12,7 @@ use lb_common::{
     stats::COUNTER_COUNT,
 };
 
-use super::{CounterTable, DataPlane, DataPlaneError, FlowTable};
+use super::{CounterTable, DataPlane, DataPlaneError, FlowGuard, FlowTable};
 
 /// The fake's flow table: tests put entries in it directly.
 #[derive(Debug, Default)]
@@ -48,6 +48,7 @@ pub struct FakeCounters {
     pub global: Mutex<Vec<u64>>,
     pub vips: Mutex<Vec<TrafficCounters>>,
     pub backends: Mutex<Vec<TrafficCounters>>,
+    pub guard: Mutex<FlowGuard>,
 }
 
 impl Default for FakeCounters {
@@ -56,6 +57,7 @@ impl Default for FakeCounters {
             global: Mutex::new(vec![0; COUNTER_COUNT as usize]),
             vips: Mutex::new(vec![TrafficCounters::default(); MAX_VIPS as usize]),
             backends: Mutex::new(vec![TrafficCounters::default(); MAX_BACKENDS as usize]),
+            guard: Mutex::default(),
         }
     }
 }
@@ -94,6 +96,10 @@ impl CounterTable for FakeCounters {
 
     fn backend(&self, slot: u32) -> Result<TrafficCounters, DataPlaneError> {
         entry(&self.backends, slot)
+    }
+
+    fn flow_guard(&self) -> Result<FlowGuard, DataPlaneError> {
+        Ok(*self.guard.lock().expect("not poisoned"))
     }
 }
 
@@ -172,6 +178,12 @@ impl FakeDataPlane {
 impl DataPlane for FakeDataPlane {
     fn config(&self) -> Result<GlobalConfig, DataPlaneError> {
         Ok(self.config)
+    }
+
+    fn set_flow_guard(&mut self, limit: u32) -> Result<(), DataPlaneError> {
+        self.check()?;
+        self.counters.guard.lock().expect("not poisoned").limit = limit;
+        Ok(())
     }
 
     fn set_config(&mut self, config: &GlobalConfig) -> Result<(), DataPlaneError> {

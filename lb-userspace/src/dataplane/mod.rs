@@ -54,6 +54,8 @@ impl DataPlaneError {
 pub trait DataPlane {
     fn config(&self) -> Result<GlobalConfig, DataPlaneError>;
     fn set_config(&mut self, config: &GlobalConfig) -> Result<(), DataPlaneError>;
+    /// Sets the new-flow rate guard's limit (new flows each CPU records per tick; 0: none).
+    fn set_flow_guard(&mut self, limit: u32) -> Result<(), DataPlaneError>;
     /// Writes `entries` into the ring pool starting at `offset`.
     fn write_ring(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataPlaneError>;
     /// Reads `len` ring pool entries starting at `offset`.
@@ -94,6 +96,16 @@ pub trait CounterTable: Send + Sync {
     fn vip(&self, vip_id: u32) -> Result<TrafficCounters, DataPlaneError>;
     /// `LB_BACKEND_STATS` of one backend slot.
     fn backend(&self, slot: u32) -> Result<TrafficCounters, DataPlaneError>;
+    /// The new-flow rate guard: its limit (`LB_GUARD_LIMIT`) and the new flows it left
+    /// unrecorded (`LB_GUARD_STATE`, summed over CPUs).
+    fn flow_guard(&self) -> Result<FlowGuard, DataPlaneError>;
+}
+
+/// What [`CounterTable::flow_guard`] reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowGuard {
+    pub limit: u32,
+    pub unrecorded: u64,
 }
 
 /// Read access to `LB_FLOWS`. A scan of a large table takes long, so it runs off the agent's

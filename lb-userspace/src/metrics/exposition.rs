@@ -21,6 +21,8 @@
 //! | `lb_drops_total{reason}`                        | counter | drops by `DropReason`                  |
 //! | `lb_flow_table_{hits,misses}_total`, `lb_new_flows_total` | counter | flow-table outcomes     |
 //! | `lb_flow_table_entries`, `lb_flow_table_capacity` | gauge | flow-table occupancy                   |
+//! | `lb_flow_guard_limit`                          | gauge   | new-flow rate guard, per CPU per second |
+//! | `lb_flow_guard_unrecorded_total`               | counter | new flows the guard left unrecorded    |
 //!
 //! lbd's own families (reconfigurations, health transitions and check latency, build info)
 //! come from [`super::Metrics::registry`].
@@ -271,6 +273,17 @@ fn global_families(f: &Families, stats: &Stats) {
         "lb_flow_table_capacity",
         "Entries the flow table holds at most.",
         stats.flow_table.capacity,
+    );
+    f.gauge(
+        "lb_flow_guard_limit",
+        "New flows each CPU records in the flow table per second at most (0: no limit).",
+        u64::from(stats.flow_table.guard_limit),
+    );
+    f.counter(
+        "lb_flow_guard_unrecorded_total",
+        "New flows forwarded by the Maglev table but not recorded, because their CPU had \
+         reached the new-flow rate guard's limit.",
+        stats.flow_table.unrecorded,
     );
 }
 

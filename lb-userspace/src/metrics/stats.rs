@@ -23,6 +23,7 @@ pub fn collect(
     now: Instant,
 ) -> Result<Stats, DataPlaneError> {
     let global = global_stats(&counters.global()?);
+    let guard = counters.flow_guard()?;
     let slots: HashMap<(usize, usize), u32> = template
         .keys
         .iter()
@@ -58,6 +59,8 @@ pub fn collect(
         flow_table: FlowTableStats {
             capacity,
             entries: counts.entries,
+            guard_limit: guard.limit,
+            unrecorded: guard.unrecorded,
         },
     })
 }

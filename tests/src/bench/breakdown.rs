@@ -13,10 +13,10 @@ use super::{
     Figure,
     test_run::{
         Case, NEW_FLOW_TABLE, RUNS, Reset, balancer_from, establish, hit_case, lb_fd, new_syn_case,
-        non_vip_case, pin_to_current_cpu,
+        non_vip_case,
     },
 };
-use crate::balancer::Lb;
+use crate::{balancer::Lb, bpf::pin_to_current_cpu};
 
 #[path = "../../../lb-userspace/ebpf_build.rs"]
 mod ebpf_build;

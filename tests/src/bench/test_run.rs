@@ -28,7 +28,7 @@ use lb_userspace::dataplane::kernel::update_entries;
 use super::Figure;
 use crate::{
     balancer::{ENCAP_MASK, ENCAP_SRC, Lb, VIP, VIP_PORT, backend, flow_key, wire},
-    bpf::{TEST_RUN_IFINDEX, XDP_PASS, XDP_TX, load_program},
+    bpf::{TEST_RUN_IFINDEX, XDP_PASS, XDP_TX, load_program, pin_to_current_cpu},
     packet::{self, IPPROTO_TCP, TCP_ACK, TCP_SYN},
 };
 
@@ -303,24 +303,6 @@ pub(super) fn run_cases(
         });
     }
     Ok(figures)
-}
-
-/// Pins this thread to the CPU it is on: test-run repeats and the per-CPU LRU lists stay on one
-/// CPU, and numbers do not include migrations.
-pub(super) fn pin_to_current_cpu() -> Result<()> {
-    // SAFETY: plain syscalls on this thread with a zeroed, then filled, cpu set.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        ensure!(cpu >= 0, "sched_getcpu failed");
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        ensure!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) == 0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
 }
 
 /// Opens the client's TCP flow of [`hit_case`] through the program itself.

@@ -25,20 +25,18 @@ use super::Figure;
 use crate::{
     lb::{DataPath, Lbd, VipConfig, render_config},
     netns::{Netns, topology::Topology},
-    packet::{Ipv4, ethernet, udp_datagram},
+    packet::{ETH_P_IP, Ipv4, ethernet, udp_datagram},
+    packet_socket::PacketSocket,
 };
 
 const SECTION: &str = "throughput";
 const PORT: u16 = 9000;
 const RUNS: usize = 3;
-/// Frames per `sendmmsg` call.
-const BATCH: usize = 64;
 /// How long the first packets may take to reach the backend (lbd resolving the next hop).
 const WARMUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// What counts as "the path delivers" during warm-up.
 const MIN_DELIVERED_PPS: f64 = 1000.0;
 const IPPROTO_UDP: u8 = 17;
-const ETH_P_IP: u16 = 0x0800;
 
 /// One measurement window of one gateway program.
 #[derive(Clone, Copy, Debug)]
@@ -256,99 +254,6 @@ fn ifindex(name: &str) -> Result<u32> {
         bail!("no interface {name}: {}", std::io::Error::last_os_error());
     }
     Ok(index)
-}
-
-/// A raw `AF_PACKET` socket bound to one interface, sending whole frames past the qdisc.
-struct PacketSocket {
-    fd: OwnedFd,
-    ifindex: u32,
-    sent: std::sync::atomic::AtomicU64,
-}
-
-impl PacketSocket {
-    /// Opens the socket in the calling thread's namespace.
-    fn open(ifindex: u32) -> Result<Self> {
-        // Protocol 0: this socket only sends, so it receives nothing.
-        // SAFETY: plain socket(2).
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        if raw < 0 {
-            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let one: libc::c_int = 1;
-        // SAFETY: an int option of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_QDISC_BYPASS,
-                (&raw const one).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            bail!("PACKET_QDISC_BYPASS: {}", std::io::Error::last_os_error());
-        }
-        Ok(Self {
-            fd,
-            ifindex,
-            sent: std::sync::atomic::AtomicU64::new(0),
-        })
-    }
-
-    fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
-    }
-
-    /// Sends `frame` in batches until `stop` is set; counts every frame the kernel took.
-    fn send_until(&self, frame: &[u8], stop: &AtomicBool) -> Result<()> {
-        // SAFETY: all-zero is a valid sockaddr_ll.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = ETH_P_IP.to_be();
-        addr.sll_ifindex = i32::try_from(self.ifindex)?;
-        addr.sll_halen = 6;
-        let mut iov = libc::iovec {
-            iov_base: frame.as_ptr().cast_mut().cast(),
-            iov_len: frame.len(),
-        };
-        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
-            .map(|_| {
-                // SAFETY: all-zero is a valid msghdr; the pointers are set below.
-                let mut msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                msg.msg_hdr.msg_name = (&raw mut addr).cast();
-                msg.msg_hdr.msg_namelen = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-                msg.msg_hdr.msg_iov = &raw mut iov;
-                msg.msg_hdr.msg_iovlen = 1;
-                msg
-            })
-            .collect();
-        while !stop.load(Ordering::Relaxed) {
-            // SAFETY: `msgs` points at `addr` and `iov`, which outlive the call; the kernel
-            // only reads the frame.
-            let n = unsafe {
-                libc::sendmmsg(
-                    self.fd.as_raw_fd(),
-                    msgs.as_mut_ptr(),
-                    BATCH as libc::c_uint,
-                    0,
-                )
-            };
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                // A full device queue is back-pressure, not a failure.
-                match err.raw_os_error() {
-                    Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR) => thread::yield_now(),
-                    _ => return Err(err).context("sendmmsg"),
-                }
-            } else {
-                self.sent
-                    .fetch_add(n.unsigned_abs().into(), Ordering::Relaxed);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A hand-assembled XDP program attached with a BPF link (closing the link detaches it):

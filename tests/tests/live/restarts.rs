@@ -23,8 +23,8 @@ use lb_userspace::{
 };
 
 use super::{
-    Bed, CHURN_RING, CONNECTIONS, MAX_GAP, PORT, apply, expect_no_errors, expect_state,
-    vip_status, without_flows,
+    Bed, CHURN_RING, CONNECTIONS, MAX_GAP, PORT, apply, expect_no_errors, expect_state, vip_status,
+    without_flows,
 };
 
 const CYCLES: usize = 20;

@@ -92,6 +92,14 @@ pub fn stats_table(stats: &Stats) -> String {
         )
         .expect("writing to a String");
     }
+    if ft.guard_limit > 0 {
+        write!(
+            out,
+            "; new flows recorded at most {}/s per CPU, {} left unrecorded",
+            ft.guard_limit, ft.unrecorded
+        )
+        .expect("writing to a String");
+    }
     out.push('\n');
     out.push_str(&global_lines(&stats.global));
     out
@@ -246,6 +254,7 @@ mod tests {
             flow_table: FlowTableStats {
                 capacity: 65_536,
                 entries: 1_000,
+                ..FlowTableStats::default()
             },
         }
     }

@@ -6,20 +6,23 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use aya::{
     Ebpf,
-    maps::{MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, MapData, MapError, PerCpuArray, PerCpuValues},
 };
-use lb_common::{TrafficCounters, maps, stats::COUNTER_COUNT};
+use lb_common::{GuardState, TrafficCounters, maps, stats::COUNTER_COUNT};
 
 use super::take_typed;
-use crate::dataplane::{CounterTable, DataPlaneError};
+use crate::dataplane::{CounterTable, DataPlaneError, FlowGuard};
 
 struct Maps {
     global: PerCpuArray<MapData, u64>,
     vips: PerCpuArray<MapData, TrafficCounters>,
     backends: PerCpuArray<MapData, TrafficCounters>,
+    guard_limit: Array<MapData, u32>,
+    guard_state: PerCpuArray<MapData, GuardState>,
 }
 
-/// `LB_GLOBAL_STATS`, `LB_VIP_STATS` and `LB_BACKEND_STATS`.
+/// `LB_GLOBAL_STATS`, `LB_VIP_STATS` and `LB_BACKEND_STATS`, and the new-flow rate guard's
+/// limit and per-CPU state (small arrays read with the counters).
 pub struct KernelCounters(Mutex<Maps>);
 
 impl KernelCounters {
@@ -28,7 +31,16 @@ impl KernelCounters {
             global: take_typed(ebpf, maps::GLOBAL_STATS)?,
             vips: take_typed(ebpf, maps::VIP_STATS)?,
             backends: take_typed(ebpf, maps::BACKEND_STATS)?,
+            guard_limit: take_typed(ebpf, maps::GUARD_LIMIT)?,
+            guard_state: take_typed(ebpf, maps::GUARD_STATE)?,
         })))
+    }
+
+    pub(super) fn set_guard_limit(&self, limit: u32) -> Result<(), DataPlaneError> {
+        self.lock()
+            .guard_limit
+            .set(0, limit, 0)
+            .map_err(|e| DataPlaneError::map(maps::GUARD_LIMIT, e))
     }
 
     fn lock(&self) -> MutexGuard<'_, Maps> {
@@ -100,5 +112,20 @@ impl CounterTable for KernelCounters {
             .get(&slot, 0)
             .map(|v| sum(&v))
             .map_err(|e| DataPlaneError::map(maps::BACKEND_STATS, e))
+    }
+
+    fn flow_guard(&self) -> Result<FlowGuard, DataPlaneError> {
+        let held = self.lock();
+        let limit = held
+            .guard_limit
+            .get(&0, 0)
+            .map_err(|e| DataPlaneError::map(maps::GUARD_LIMIT, e))?;
+        let unrecorded = held
+            .guard_state
+            .get(&0, 0)
+            .map_err(|e| DataPlaneError::map(maps::GUARD_STATE, e))?
+            .iter()
+            .fold(0u64, |acc, s| acc.wrapping_add(s.unrecorded));
+        Ok(FlowGuard { limit, unrecorded })
     }
 }

@@ -87,6 +87,8 @@ fn fixture() -> Stats {
         flow_table: FlowTableStats {
             capacity: 65_536,
             entries: 9,
+            guard_limit: 50_000,
+            unrecorded: 17,
         },
     }
 }
@@ -147,6 +149,10 @@ fn exact_lines_for_vips_backends_and_globals() {
         "# TYPE lb_flow_table_entries gauge",
         "lb_flow_table_entries 9",
         "lb_flow_table_capacity 65536",
+        "# TYPE lb_flow_guard_limit gauge",
+        "lb_flow_guard_limit 50000",
+        "# TYPE lb_flow_guard_unrecorded_total counter",
+        "lb_flow_guard_unrecorded_total 17",
         // lbd's own, merged in.
         r#"lb_build_info{version="0.1.0"} 1"#,
         r#"lb_reconfigurations_total{result="applied"} 1"#,

@@ -92,6 +92,7 @@ fn fixture() -> Stats {
         flow_table: FlowTableStats {
             capacity: 65_536,
             entries: 300,
+            ..FlowTableStats::default()
         },
     }
 }
