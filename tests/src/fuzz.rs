@@ -6,7 +6,6 @@
 pub mod campaign;
 pub mod generate;
 pub mod oracle;
-pub mod rng;
 pub mod universe;
 
 pub use campaign::{Campaign, Mismatch, Tally};

@@ -195,6 +195,11 @@ impl<'a> Lbd<'a> {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        self.spawn_extra(&[])
+    }
+
+    /// Starts lbd with the usual arguments plus `extra` and waits until it is ready.
+    fn spawn_extra(&mut self, extra: &[&str]) -> Result<()> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -216,6 +221,7 @@ impl<'a> Lbd<'a> {
             .arg("--ring-pool")
             .arg(self.options.ring_pool.to_string())
             .args(["--xdp-mode", mode_name(self.mode)])
+            .args(extra)
             .env("RUST_LOG", "info,lb_userspace=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -459,6 +465,25 @@ pub struct PinnedMaps {
     vips: HashMap<MapData, VipKey, VipMeta>,
     rings: Array<MapData, u32>,
     backends: Array<MapData, BackendSlot>,
+}
+
+/// Everything a refused or failed change must leave alone: the export, the state file's bytes
+/// and the data plane's maps.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unchanged {
+    pub export: String,
+    pub state_file: Vec<u8>,
+    pub maps: MapSnapshot,
+}
+
+impl Unchanged {
+    pub fn take(lbd: &Lbd) -> Result<Self> {
+        Ok(Self {
+            export: lbd.lbctl()?.export()?,
+            state_file: fs::read(&lbd.state_path).context("reading the state file")?,
+            maps: lbd.maps()?.snapshot()?,
+        })
+    }
 }
 
 /// Everything a reconfiguration could touch, for before/after comparisons.
@@ -867,59 +892,6 @@ impl Lbd<'_> {
     /// plus `extra`, and waits until it is ready. [`Lbd::state_path`] may have been changed.
     pub fn spawn_with_args(&mut self, extra: &[&str]) -> Result<()> {
         anyhow::ensure!(self.pid.is_none(), "lbd is still running");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .context("opening lbd log")?;
-        let log_start = log.metadata().map_or(0, |m| m.len()) as usize;
-        let mut cmd = self.ns.command(workspace_bin("lbd")?);
-        cmd.arg("--config")
-            .arg(&self.config_path)
-            .arg("--bpffs")
-            .arg(&self.pin_dir)
-            .arg("--socket")
-            .arg(&self.socket_path)
-            .arg("--state")
-            .arg(&self.state_path)
-            .arg("--flow-table-size")
-            .arg(self.options.flow_table_size.to_string())
-            .arg("--ring-pool")
-            .arg(self.options.ring_pool.to_string())
-            .args(["--xdp-mode", mode_name(self.mode)])
-            .args(extra)
-            .env("RUST_LOG", "info,lb_userspace=debug")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(log);
-        for iface in &self.ifaces {
-            cmd.args(["--iface", iface]);
-        }
-        let started = Instant::now();
-        let pid = self.ns.spawn(cmd)?;
-        self.pid = Some(pid);
-        loop {
-            let ready = self
-                .ifaces
-                .iter()
-                .all(|i| self.pin_dir.join("links").join(i).exists())
-                && self
-                    .log()
-                    .get(log_start..)
-                    .unwrap_or("")
-                    .contains("lbd running")
-                && UnixStream::connect(&self.socket_path).is_ok();
-            if ready {
-                return Ok(());
-            }
-            if let Some(status) = self.ns.try_wait(pid)? {
-                self.pid = None;
-                bail!("lbd exited early ({status}):\n{}", self.log());
-            }
-            if started.elapsed() > READY_TIMEOUT {
-                bail!("lbd not ready after {READY_TIMEOUT:?}:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.spawn_extra(extra)
     }
 }

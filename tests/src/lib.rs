@@ -12,4 +12,5 @@ pub mod netns;
 pub mod nft;
 pub mod packet;
 pub mod packet_socket;
+pub mod rng;
 pub mod traffic;

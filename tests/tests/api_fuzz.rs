@@ -33,6 +33,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use lb_tests::lb::{Lbd, MapSnapshot, ServedTopology, alive, memory_kib, reset_peak_memory};
 use lb_tests::netns::topology::Topology;
+use lb_tests::rng::Rng;
 use lb_userspace::{
     api::{
         proto::{BODY_LIMIT, ChangeReply, Debug, ErrorReply, StateReply, Status},
@@ -223,36 +224,6 @@ struct Ctx {
 
 // ---------------------------------------------------------------------------------------------
 // Random requests.
-
-/// `SplitMix64`: small, seedable, good enough to pick cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// In `0..n` (n > 0).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-
-    fn byte(&mut self) -> u8 {
-        (self.next() & 0xff) as u8
-    }
-}
 
 /// One request as sent, and what may come back.
 struct Req {
@@ -1108,7 +1079,7 @@ impl FuzzReport {
 }
 
 fn fuzz(socket: &Path, ctx: &Ctx, seed: u64, stop: &AtomicBool) -> FuzzReport {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let bases = base_bodies(ctx);
     let mut report = FuzzReport::default();
     for i in 0..PER_THREAD {

@@ -13,7 +13,7 @@ use std::{fs, net::IpAddr, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use lb_tests::{
-    lb::{BareLbd, Lbd, MapSnapshot, VipConfig, render_config},
+    lb::{BareLbd, Lbd, Unchanged, VipConfig, render_config},
     lbctl::Run,
     netns::topology::Topology,
 };
@@ -41,24 +41,6 @@ fn changes_past_a_limit_are_refused() {
     let gw = topo.gw();
     let lbd = Lbd::start(&gw.ns, &gw.ifaces(), AttachMode::Generic, &config).expect("lbd");
     lbd.finish(refusals(&topo, &lbd), |_| false);
-}
-
-/// Everything a refused request must leave alone.
-#[derive(PartialEq, Eq)]
-struct Unchanged {
-    export: String,
-    state_file: Vec<u8>,
-    maps: MapSnapshot,
-}
-
-impl Unchanged {
-    fn take(lbd: &Lbd) -> Result<Self> {
-        Ok(Self {
-            export: lbd.lbctl()?.export()?,
-            state_file: fs::read(&lbd.state_path).context("reading the state file")?,
-            maps: lbd.maps()?.snapshot()?,
-        })
-    }
 }
 
 fn refusals(topo: &Topology, lbd: &Lbd) -> Result<()> {

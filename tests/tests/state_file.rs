@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use lb_tests::{
-    lb::{BareLbd, Lbd, MapSnapshot, VipConfig, render_config},
+    lb::{BareLbd, Lbd, Unchanged, VipConfig, render_config},
     lbctl::Run,
     netns::topology::Topology,
 };
@@ -246,24 +246,6 @@ fn move_state(lbd: &mut Lbd, dir: &Path) -> Result<()> {
     fs::copy(&lbd.state_path, &moved).context("copying the state file")?;
     lbd.state_path = moved;
     lbd.spawn_with_args(&[])
-}
-
-/// Everything a failed change must leave alone.
-#[derive(PartialEq, Eq)]
-struct Unchanged {
-    export: String,
-    state_file: Vec<u8>,
-    maps: MapSnapshot,
-}
-
-impl Unchanged {
-    fn take(lbd: &Lbd) -> Result<Self> {
-        Ok(Self {
-            export: lbd.lbctl()?.export()?,
-            state_file: fs::read(&lbd.state_path).context("reading the state file")?,
-            maps: lbd.maps()?.snapshot()?,
-        })
-    }
 }
 
 fn no_room(topo: &Topology, lbd: &Lbd, tmpfs: &Tmpfs) -> Result<()> {

@@ -7,11 +7,12 @@
 use std::{collections::VecDeque, net::Ipv4Addr};
 
 use crate::{
-    fuzz::{rng::Rng, universe::Universe},
+    fuzz::universe::Universe,
     packet::{
         self, CLIENT_MAC, ETH_HLEN, ETH_P_ARP, ETH_P_IP, GATEWAY_MAC, IP_DF, IP_MF, IPPROTO_ICMP,
         IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, Ipv4, internet_checksum,
     },
+    rng::Rng,
 };
 
 /// `BPF_PROG_TEST_RUN` refuses XDP frames shorter than an Ethernet header (EINVAL).
@@ -112,9 +113,9 @@ impl Generator {
 
     fn dst(&mut self, vip_percent: u32) -> Ipv4Addr {
         if self.rng.chance(vip_percent) {
-            *self.rng.pick(&self.vip_addrs)
+            self.rng.pick(&self.vip_addrs)
         } else {
-            *self.rng.pick(&OTHERS)
+            self.rng.pick(&OTHERS)
         }
     }
 
@@ -128,7 +129,7 @@ impl Generator {
                 .filter(|v| v.2 == proto)
                 .map(|v| (v.0, v.1))
                 .collect();
-            *self.rng.pick(&matching)
+            self.rng.pick(&matching)
         } else {
             (self.dst(50), self.dport())
         }
@@ -136,10 +137,10 @@ impl Generator {
 
     fn dport(&mut self) -> u16 {
         if self.rng.chance(80) {
-            *self.rng.pick(&self.vip_ports)
+            self.rng.pick(&self.vip_ports)
         } else {
             let any = self.rng.u16();
-            *self.rng.pick(&[22, 8443, 0, 65535, any])
+            self.rng.pick(&[22, 8443, 0, 65535, any])
         }
     }
 
@@ -186,7 +187,7 @@ impl Generator {
         let (src, sport) = self.client();
         let (dst, dport) = self.destination(IPPROTO_TCP);
         let flags = if self.rng.chance(90) {
-            *self.rng.pick(&TCP_FLAGS)
+            self.rng.pick(&TCP_FLAGS)
         } else {
             self.rng.byte()
         };
@@ -263,15 +264,15 @@ impl Generator {
     /// MTU; sometimes sent to the client instead.
     fn icmp_error(&mut self) -> Vec<u8> {
         let (client, cport) = self.client();
-        let vip = *self.rng.pick(&self.vip_addrs);
-        let vport = *self.rng.pick(&self.vip_ports);
-        let proto = *self.rng.pick(&[IPPROTO_TCP, IPPROTO_UDP]);
+        let vip = self.rng.pick(&self.vip_addrs);
+        let vport = self.rng.pick(&self.vip_ports);
+        let proto = self.rng.pick(&[IPPROTO_TCP, IPPROTO_UDP]);
         let mut quoted_l4 = Vec::new();
         quoted_l4.extend_from_slice(&vport.to_be_bytes());
         quoted_l4.extend_from_slice(&cport.to_be_bytes());
         quoted_l4.extend(self.rng.bytes(4));
         let quoted = Ipv4::new(vip, client, proto).packet(&quoted_l4);
-        let (kind, code) = *self
+        let (kind, code) = self
             .rng
             .pick(&[(3u8, 4u8), (3, 3), (3, 1), (11, 0), (12, 0)]);
         let mut icmp = vec![kind, code, 0, 0, 0, 0];
@@ -304,21 +305,21 @@ impl Generator {
             }
             _ => self.rng.fill(&mut dst),
         }
-        let l4_proto = *self.rng.pick(&[IPPROTO_TCP, IPPROTO_UDP]);
+        let l4_proto = self.rng.pick(&[IPPROTO_TCP, IPPROTO_UDP]);
         let mut l4 = Vec::new();
         l4.extend_from_slice(&self.rng.u16().to_be_bytes());
         l4.extend_from_slice(&self.dport().to_be_bytes());
         l4.extend(self.rng.bytes(if l4_proto == IPPROTO_TCP { 16 } else { 4 }));
         if l4_proto == IPPROTO_TCP {
             l4[12] = 5 << 4;
-            l4[13] = *self.rng.pick(&TCP_FLAGS);
+            l4[13] = self.rng.pick(&TCP_FLAGS);
         }
         l4.extend(self.payload());
         // Extension headers, innermost last: (next header, bytes).
         let mut next = l4_proto;
         let mut body = l4;
         for _ in 0..self.rng.below(5) {
-            let kind = *self.rng.pick(&[0u8, 43, 44, 60, 51]);
+            let kind = self.rng.pick(&[0u8, 43, 44, 60, 51]);
             let mut ext = match kind {
                 // Fragment: fixed 8 bytes, offset and M flag random.
                 44 => {
@@ -359,10 +360,10 @@ impl Generator {
     fn other_ethertype(&mut self) -> Vec<u8> {
         if self.rng.chance(50) {
             let (src, _) = self.client();
-            return packet::arp_frame(src, *self.rng.pick(&self.vip_addrs));
+            return packet::arp_frame(src, self.rng.pick(&self.vip_addrs));
         }
         let any = self.rng.u16();
-        let ethertype = *self.rng.pick(&[ETH_P_ARP, 0x88cc, 0x8847, 0x0801, any]);
+        let ethertype = self.rng.pick(&[ETH_P_ARP, 0x88cc, 0x8847, 0x0801, any]);
         let mut body = self.tcp(None)[ETH_HLEN..].to_vec();
         body.truncate(self.rng.range(0, body.len()));
         packet::ethernet(GATEWAY_MAC, CLIENT_MAC, ethertype, &body)
@@ -372,7 +373,7 @@ impl Generator {
     fn other_proto(&mut self) -> Vec<u8> {
         let (src, _) = self.client();
         let any = self.rng.byte();
-        let proto = *self.rng.pick(&[IPPROTO_IPIP, IPPROTO_GRE, 132, 50, 0, any]);
+        let proto = self.rng.pick(&[IPPROTO_IPIP, IPPROTO_GRE, 132, 50, 0, any]);
         let payload = self.payload();
         frame_of(&Ipv4::new(src, self.dst(80), proto).packet(&payload))
     }
@@ -444,7 +445,7 @@ impl Generator {
                 let ip_len = (len - IP) as u16;
                 let any = self.rng.u16();
                 let near = ip_len.wrapping_sub(self.rng.below(8) as u16);
-                let tot_len = *self.rng.pick(&[
+                let tot_len = self.rng.pick(&[
                     0,
                     19,
                     20,
@@ -489,15 +490,14 @@ impl Generator {
                 let offset = self.rng.range(1, 0x1fff) as u16;
                 let any = self.rng.u16();
                 let frag =
-                    *self
-                        .rng
+                    self.rng
                         .pick(&[IP_MF, offset, IP_MF | offset, IP_DF, IP_DF | IP_MF, 0, any]);
                 frame[IP + 6..IP + 8].copy_from_slice(&frag.to_be_bytes());
                 "frag"
             }
             3 => {
                 let any = self.rng.byte();
-                frame[IP + 9] = *self.rng.pick(&[
+                frame[IP + 9] = self.rng.pick(&[
                     IPPROTO_TCP,
                     IPPROTO_UDP,
                     IPPROTO_ICMP,
@@ -523,7 +523,7 @@ impl Generator {
         Some(match self.rng.below(3) {
             0 => {
                 let any = self.rng.byte() >> 4;
-                let words = *self.rng.pick(&[0u8, 1, 4, 5, 6, 15, any]);
+                let words = self.rng.pick(&[0u8, 1, 4, 5, 6, 15, any]);
                 frame[L4 + 12] = (words << 4) | (frame[L4 + 12] & 0xf);
                 "doff"
             }
@@ -558,7 +558,7 @@ impl Generator {
             }
             _ => {
                 let any = self.rng.u16();
-                let ethertype = *self.rng.pick(&[
+                let ethertype = self.rng.pick(&[
                     ETH_P_IPV6,
                     ETH_P_8021Q,
                     ETH_P_8021AD,

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use lb_tests::{
-    lb::{Lbd, MapSnapshot, VipConfig},
+    lb::{Lbd, Unchanged, VipConfig},
     lbctl::{Lbctl, Run, run_bounded},
 };
 use lb_userspace::api::proto::{BODY_LIMIT, ErrorReply};
@@ -31,24 +31,6 @@ fn bad_input() {
         .start_lbd(&[bed.main_vip(2, Some(CHURN_RING)), second])
         .expect("lbd");
     lbd.finish(bad_input_body(&bed, &lbd), |_| false);
-}
-
-/// Everything a refused request must leave alone.
-#[derive(PartialEq, Eq)]
-struct Unchanged {
-    export: String,
-    state_file: Vec<u8>,
-    maps: MapSnapshot,
-}
-
-impl Unchanged {
-    fn take(lbd: &Lbd) -> Result<Self> {
-        Ok(Self {
-            export: lbd.lbctl()?.export()?,
-            state_file: fs::read(&lbd.state_path).context("reading the state file")?,
-            maps: lbd.maps()?.snapshot()?,
-        })
-    }
 }
 
 fn bad_input_body(bed: &Bed, lbd: &Lbd) -> Result<()> {

@@ -12,6 +12,7 @@ use lb_tests::{
     chatter::{self, Chatter},
     lb::Lbd,
     lbctl::Lbctl,
+    rng::Rng,
 };
 use lb_userspace::{
     api::proto::BackendState,
@@ -20,8 +21,8 @@ use lb_userspace::{
 };
 
 use super::{
-    Bed, CHURN_RING, CONNECTIONS, MAX_GAP, PORT, Rng, apply, expect_no_errors, expect_state,
-    millis, vip_status, who_many,
+    Bed, CHURN_RING, CONNECTIONS, MAX_GAP, PORT, apply, expect_no_errors, expect_state, millis,
+    vip_status, who_many,
 };
 
 /// Addresses with no host behind them: no route from the gateway, so they never resolve and
@@ -73,7 +74,7 @@ impl Churn {
         Some(match rng.below(6) {
             0 => Change::BackendAdd {
                 vip,
-                address: rng.pick(&self.extras)?,
+                address: rng.try_pick(&self.extras)?,
                 weight: Some(weight),
                 check: None,
             },
@@ -85,16 +86,16 @@ impl Churn {
                     .collect();
                 Change::BackendDel {
                     vip,
-                    address: rng.pick(&added)?,
+                    address: rng.try_pick(&added)?,
                 }
             }
             2 => Change::BackendWeight {
                 vip,
-                address: rng.pick(&present)?,
+                address: rng.try_pick(&present)?,
                 weight,
             },
             3 | 4 => {
-                let address = rng.pick(&present)?;
+                let address = rng.try_pick(&present)?;
                 if spec.backend(address)?.drain {
                     Change::BackendUndrain { vip, address }
                 } else {
@@ -111,19 +112,19 @@ impl Churn {
                     .collect();
                 Change::BackendUndrain {
                     vip,
-                    address: rng.pick(&drained)?,
+                    address: rng.try_pick(&drained)?,
                 }
             }
         })
     }
 
     fn other_change(&self, rng: &mut Rng, state: &DesiredState) -> Option<Change> {
-        let vip = rng.pick(&self.others)?;
+        let vip = rng.try_pick(&self.others)?;
         let Some(spec) = state.vip(&vip) else {
             return Some(Change::VipAdd {
                 vip,
-                ring_size: Some(rng.pick(&[251, 1021, CHURN_RING])?),
-                hash: Some(rng.pick(&[HashMode::FiveTuple, HashMode::SrcIp])?),
+                ring_size: Some(rng.try_pick(&[251, 1021, CHURN_RING])?),
+                hash: Some(rng.try_pick(&[HashMode::FiveTuple, HashMode::SrcIp])?),
                 check: None,
             });
         };
@@ -132,21 +133,21 @@ impl Churn {
             0 => Change::VipDel { vip },
             1..=3 => Change::BackendAdd {
                 vip,
-                address: rng.pick(&self.pool)?,
+                address: rng.try_pick(&self.pool)?,
                 weight: Some(rng.below(200) as u32),
                 check: None,
             },
             4 => Change::BackendDel {
                 vip,
-                address: rng.pick(&present)?,
+                address: rng.try_pick(&present)?,
             },
             5 => Change::BackendWeight {
                 vip,
-                address: rng.pick(&present)?,
+                address: rng.try_pick(&present)?,
                 weight: 1 + rng.below(500) as u32,
             },
             _ => {
-                let address = rng.pick(&present)?;
+                let address = rng.try_pick(&present)?;
                 if spec.backend(address)?.drain {
                     Change::BackendUndrain { vip, address }
                 } else {
@@ -199,7 +200,7 @@ fn churn_body(bed: &Bed, lbd: &Lbd) -> Result<()> {
     chatter::expect_backends(&chat.snapshot(), &["backend1", "backend2", "backend3"])?;
     let resets_before = bed.client().estab_resets()?;
 
-    let mut rng = Rng::from_env();
+    let mut rng = Rng::from_env("LB_TEST_SEED");
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
     let started = Instant::now();
     let mut slowest = Duration::ZERO;

@@ -1,5 +1,6 @@
-//! A seeded, dependency-free PRNG (splitmix64): the same seed gives the same frames on every
-//! machine, so a failing seed replays exactly.
+//! A seeded, dependency-free PRNG (splitmix64) for the randomized tests (packet and API fuzzing,
+//! the live churn): the same seed gives the same run on every machine, so a failing seed
+//! replays exactly.
 
 /// splitmix64: tiny, fast, and good enough to pick mutations (not for cryptography).
 #[derive(Clone, Debug)]
@@ -7,6 +8,21 @@ pub struct Rng(u64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// Seeded from the environment variable `var` (decimal), else from the clock; prints the
+    /// seed and how to repeat the run.
+    pub fn from_env(var: &str) -> Self {
+        let seed = std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        eprintln!("random seed {seed} (rerun with {var}={seed})");
         Self(seed)
     }
 
@@ -41,8 +57,14 @@ impl Rng {
         self.next_u64() as u16
     }
 
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
+    /// One of `items` (not empty).
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+
+    /// One of `items`, `None` when there are none.
+    pub fn try_pick<T: Copy>(&mut self, items: &[T]) -> Option<T> {
+        (!items.is_empty()).then(|| self.pick(items))
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {
