@@ -1,10 +1,11 @@
 //! Developer entry points: `cargo xtask setup | build | run | test | demo | bench | fuzz |
-//! fmt | clippy | install`.
+//! fmt | clippy | install | vm`.
 
 mod install;
 mod setup;
 mod tasks;
 mod util;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -76,6 +77,11 @@ enum Cmd {
     /// Build release binaries, then install them, the systemd unit and a first config (an
     /// existing /etc/lb/lb.toml or lbd.env is never overwritten). Safe to run again.
     Install(install::InstallArgs),
+    /// Boot stock Debian kernels under qemu (TCG) and run the kernel-facing tests in each:
+    /// `prog_test_run` (the verifier and the programs) and `kernel_tunnel` (backends that
+    /// decapsulate with the kernel's ipip device). Installs qemu and kmod; kernels and the guest
+    /// are cached in target/vm/.
+    Vm(vm::VmArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +97,7 @@ fn main() -> ExitCode {
         Cmd::Fmt { check } => tasks::fmt(check),
         Cmd::Clippy => tasks::clippy(),
         Cmd::Install(args) => install::install(&args),
+        Cmd::Vm(args) => vm::vm(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

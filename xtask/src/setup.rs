@@ -24,6 +24,13 @@ const APT_PACKAGES: &[&str] = &[
     // The status-page test loads the page in headless Chromium (screenshot and DOM).
     "chromium",
 ];
+/// Debian packages only `cargo xtask vm` needs: the emulator, kmod (the guest runs the host's
+/// userspace, whose `modprobe` and `depmod` load and index the guest kernel's modules), and the
+/// decompressors for kernel images and modules.
+/// What `cargo xtask vm` needs besides qemu: the host's modprobe for the guest's modules, and
+/// the kernel packages' compressions.
+const VM_TOOLS: &[&str] = &["kmod", "xz-utils", "zstd"];
+const QEMU: &str = "qemu-system-x86";
 const BPF_LINKER_VERSION: &str = "0.13";
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -54,16 +61,85 @@ fn require_root(what: &str) -> Result<()> {
 }
 
 fn apt_packages() -> Result<()> {
+    install_missing(APT_PACKAGES, &[])
+}
+
+/// What `cargo xtask vm` needs on top of `setup` (not installed by `setup` itself: `test` must
+/// not pull in an emulator). `--no-remove`: a qemu-utils from backports conflicts with
+/// bookworm's qemu-system-x86, and apt must then stop rather than remove it.
+pub fn vm_packages() -> Result<()> {
+    install_missing(VM_TOOLS, &[])?;
+    if not_installed(&[QEMU]).is_empty() {
+        println!("ok: apt packages ({QEMU})");
+        return Ok(());
+    }
+    require_root("installing qemu")?;
+    install_qemu_from_backports()
+}
+
+/// qemu-system-x86 from the host's own `<codename>-backports`. This kind of machine ships
+/// qemu-utils from backports, which the release's older qemu-system-x86 conflicts with (apt
+/// would remove qemu-utils to install it). The sources and lists are private, under
+/// target/vm/apt/host, so /etc/apt is neither read for sources nor written.
+fn install_qemu_from_backports() -> Result<()> {
+    let os = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
+    let codename = os
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|c| c.trim_matches('"').to_owned())
+        .context("/etc/os-release names no VERSION_CODENAME")?;
+    let dir = crate::util::target_dir().join("vm/apt/host");
+    let lists = dir.join("lists");
+    std::fs::create_dir_all(lists.join("partial"))
+        .with_context(|| format!("creating {}", lists.display()))?;
+    let sources = dir.join("sources.list");
+    let keyring = "[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]";
+    std::fs::write(
+        &sources,
+        format!(
+            "deb {keyring} http://deb.debian.org/debian {codename} main\n\
+             deb {keyring} http://deb.debian.org/debian {codename}-updates main\n\
+             deb {keyring} http://deb.debian.org/debian-security {codename}-security main\n\
+             deb {keyring} http://deb.debian.org/debian {codename}-backports main\n"
+        ),
+    )
+    .with_context(|| format!("writing {}", sources.display()))?;
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.arg("-o")
+            .arg(format!("Dir::Etc::SourceList={}", sources.display()))
+            .args(["-o", "Dir::Etc::SourceParts=/dev/null", "-o"])
+            .arg(format!("Dir::State::Lists={}", lists.display()))
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    println!("installing: {QEMU} from {codename}-backports");
+    run(&mut apt(&["update"]))?;
+    let release = format!("{codename}-backports");
+    run(&mut apt(&[
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "--no-remove",
+        "-t",
+        &release,
+        QEMU,
+    ]))
+}
+
+/// The packages of `packages` that are not installed.
+fn not_installed<'a>(packages: &[&'a str]) -> Vec<&'a str> {
     // `dpkg-query` exits non-zero when a package is unknown; the lines it does print still
     // tell which ones are installed.
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${db:Status-Abbrev}\n"])
-        .args(APT_PACKAGES)
+        .args(packages)
         .output();
     let listed = out
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let missing: Vec<&str> = APT_PACKAGES
+    packages
         .iter()
         .copied()
         .filter(|pkg| {
@@ -72,9 +148,13 @@ fn apt_packages() -> Result<()> {
                 fields.next() == Some(*pkg) && fields.next() == Some("ii")
             })
         })
-        .collect();
+        .collect()
+}
+
+fn install_missing(packages: &[&str], install_flags: &[&str]) -> Result<()> {
+    let missing = not_installed(packages);
     if missing.is_empty() {
-        println!("ok: apt packages ({})", APT_PACKAGES.join(", "));
+        println!("ok: apt packages ({})", packages.join(", "));
         return Ok(());
     }
     println!("installing: apt packages {}", missing.join(" "));
@@ -84,6 +164,7 @@ fn apt_packages() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "--no-install-recommends"])
+        .args(install_flags)
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
