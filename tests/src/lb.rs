@@ -34,7 +34,7 @@ use crate::{
     lbctl::{Lbctl, run_bounded},
     netns::{
         Netns,
-        topology::{Topology, TopologyBuilder},
+        topology::{IpipDevice, KernelIpip, Topology, TopologyBuilder},
     },
     traffic::Server,
 };
@@ -626,10 +626,13 @@ fn mode_name(mode: AttachMode) -> &'static str {
     }
 }
 
-/// Backend-side programs for a topology: `lb_decap` on every backend and, in native mode,
-/// `xdp_pass` on the switch-side peers the gateways transmit or redirect into.
+/// Backend-side programs for a topology: `lb_decap` on every backend (or the kernel's ipip
+/// device, [`DataPath::attach_with`]) and, in native mode, `xdp_pass` on the switch-side peers
+/// the gateways transmit or redirect into.
 pub struct DataPath {
     _handles: Vec<DecapHandle>,
+    /// Kernel ipip devices instead of `lb_decap` ([`DataPath::attach_with`]).
+    _tunnels: Vec<KernelIpip>,
 }
 
 impl DataPath {
@@ -643,20 +646,29 @@ impl DataPath {
                 .with_context(|| format!("lb_decap on {}", backend.name))?;
             handles.push(handle);
         }
-        if mode == AttachMode::Native {
-            let peers: Vec<String> = topo
-                .gateways
-                .iter()
-                .flat_map(|g| g.legs().into_iter().map(|l| l.peer.clone()))
-                .collect();
-            let handle = topo
-                .switch
-                .run(|| attach_pass(&peers, AttachMode::Native))
-                .context("xdp_pass on the gateways' veth peers")?;
-            handles.push(handle);
-        }
-        Ok(Self { _handles: handles })
+        handles.extend(attach_peer_pass(topo, mode)?);
+        Ok(Self {
+            _handles: handles,
+            _tunnels: Vec::new(),
+        })
     }
+}
+
+/// In native mode, `xdp_pass` on the switch-side peers the gateways transmit or redirect into.
+fn attach_peer_pass(topo: &Topology, mode: AttachMode) -> Result<Option<DecapHandle>> {
+    if mode != AttachMode::Native {
+        return Ok(None);
+    }
+    let peers: Vec<String> = topo
+        .gateways
+        .iter()
+        .flat_map(|g| g.legs().into_iter().map(|l| l.peer.clone()))
+        .collect();
+    let handle = topo
+        .switch
+        .run(|| attach_pass(&peers, AttachMode::Native))
+        .context("xdp_pass on the gateways' veth peers")?;
+    Ok(Some(handle))
 }
 
 /// A topology ready for lbd: backends that decapsulate ([`DataPath`]) and each serve `port`
@@ -672,8 +684,18 @@ pub struct ServedTopology {
 
 impl ServedTopology {
     pub fn build(builder: TopologyBuilder, mode: AttachMode, port: u16) -> Result<Self> {
+        Self::build_with(builder, mode, port, BackendDecap::LbDecap)
+    }
+
+    /// [`ServedTopology::build`] with backends that decapsulate as `decap` says.
+    pub fn build_with(
+        builder: TopologyBuilder,
+        mode: AttachMode,
+        port: u16,
+        decap: BackendDecap,
+    ) -> Result<Self> {
         let topo = builder.build()?;
-        let datapath = DataPath::attach(&topo, mode, &[IpAddr::V4(topo.vip)])?;
+        let datapath = DataPath::attach_with(&topo, mode, &[IpAddr::V4(topo.vip)], decap)?;
         let servers = topo
             .backends
             .iter()
@@ -893,5 +915,44 @@ impl Lbd<'_> {
     pub fn spawn_with_args(&mut self, extra: &[&str]) -> Result<()> {
         anyhow::ensure!(self.pid.is_none(), "lbd is still running");
         self.spawn_extra(extra)
+    }
+}
+
+// ---- Backends decapsulating with the kernel's ipip device (issue 8) ----------------------
+// The default stays `lb_decap`; kernel_tunnel.rs asks for the kernel's own device, to show
+// that what lb_xdp sends is what a stock Linux backend accepts.
+
+/// How the backends take the tunnel off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendDecap {
+    /// Our `lb_decap` XDP program on each backend's eth0.
+    #[default]
+    LbDecap,
+    /// The kernel's own ipip device ([`IpipDevice`]) and no XDP program on the backends.
+    KernelIpip(IpipDevice),
+}
+
+impl DataPath {
+    /// [`DataPath::attach`] with backends that decapsulate as `decap` says; `vips` only matter
+    /// to `lb_decap` (the kernel device takes any IPIP addressed to the backend, and the VIPs
+    /// are on the backends' `lo` already). `xdp_pass` goes on the gateways' peers in native
+    /// mode either way.
+    pub fn attach_with(
+        topo: &Topology,
+        mode: AttachMode,
+        vips: &[IpAddr],
+        decap: BackendDecap,
+    ) -> Result<Self> {
+        match decap {
+            BackendDecap::LbDecap => Self::attach(topo, mode, vips),
+            BackendDecap::KernelIpip(kind) => {
+                let tunnels = topo.add_kernel_ipip(kind)?;
+                let handles = attach_peer_pass(topo, mode)?.into_iter().collect();
+                Ok(Self {
+                    _handles: handles,
+                    _tunnels: tunnels,
+                })
+            }
+        }
     }
 }

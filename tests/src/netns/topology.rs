@@ -502,3 +502,117 @@ fn route_line(dst: &str, vias: &[IpAddr], dev: &str, verb: &str) -> String {
     }
     line
 }
+
+// ---- Kernel ipip decapsulation on the backends (issue 8) ---------------------------------
+// Backends that take the tunnel off with the kernel's own ipip device instead of `lb_decap`,
+// as a stock Linux backend does. The kernel hands an IPIP packet addressed to a local address
+// to the first *up* tunnel that matches, in this order: remote and local equal to the outer
+// source and destination; remote only; local only (remote any); a key-less wildcard tunnel;
+// the collect-metadata (`external`) device; the fallback `tunl0`. The decapsulated packet
+// then enters the stack again as if received on that device, so the VIP on `lo` takes it.
+
+/// The ipip device every kernel-decapsulating backend gets.
+pub const IPIP_DEV: &str = "ipip0";
+
+/// Which kernel ipip device a backend decapsulates with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpipDevice {
+    /// `ip link add ipip0 type ipip external`: the namespace's collect-metadata device, which
+    /// takes every IPIP packet to a local address that no more specific tunnel claims, from any
+    /// outer source (`lb_xdp` varies it per flow).
+    External,
+    /// `ip link add ipip0 type ipip local <backend address> remote any`: a classic tunnel
+    /// bound to the backend's own address, taking IPIP from any source (the kernel's "remote
+    /// wildcard, local match" rule). Unlike `ip tunnel add`, it does not need `tunl0`.
+    AnyRemote,
+}
+
+impl IpipDevice {
+    /// The `ip` commands (batch lines, without the leading `ip`) that create the device for a
+    /// backend whose tunnel endpoint is `local`, and bring it up: the kernel skips a tunnel
+    /// that is down.
+    pub fn ip_lines(self, local: Ipv4Addr) -> Vec<String> {
+        let add = match self {
+            Self::External => format!("link add {IPIP_DEV} type ipip external"),
+            Self::AnyRemote => {
+                format!("link add {IPIP_DEV} type ipip local {local} remote any")
+            }
+        };
+        vec![add, format!("link set {IPIP_DEV} up")]
+    }
+}
+
+/// A kernel ipip device on a backend; dropping it deletes the device (the namespace going away
+/// does too).
+#[derive(Debug)]
+pub struct KernelIpip {
+    /// The backend namespace's name (`ip -n`).
+    ns: String,
+    pub kind: IpipDevice,
+}
+
+impl Drop for KernelIpip {
+    fn drop(&mut self) {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["-n", &self.ns, "link", "del", "dev", IPIP_DEV]);
+        // Fails only when the namespace is already gone, which deleted the device too.
+        let _ = super::command_output(&mut cmd);
+    }
+}
+
+impl Host {
+    /// Packets this backend's [`IPIP_DEV`] has received: IPIP packets the kernel decapsulated.
+    pub fn ipip_rx_packets(&self) -> Result<u64> {
+        use anyhow::Context as _;
+        let out = self.ns.ip(["-s", "-j", "link", "show", "dev", IPIP_DEV])?;
+        let json: serde_json::Value = serde_json::from_str(&out)
+            .with_context(|| format!("`ip -s -j link show {IPIP_DEV}`: {out}"))?;
+        json.pointer("/0/stats64/rx/packets")
+            .and_then(serde_json::Value::as_u64)
+            .with_context(|| format!("no rx packet count for {IPIP_DEV} in {out}"))
+    }
+
+    /// Gives this backend a kernel ipip device of `kind` with its endpoint on eth0's address,
+    /// up, with the reverse-path filter off on it.
+    pub fn add_kernel_ipip(&self, kind: IpipDevice) -> Result<KernelIpip> {
+        // The guard first, so a half-made device goes too.
+        let device = KernelIpip {
+            ns: self.ns.name().to_owned(),
+            kind,
+        };
+        self.ns.ip_batch(&kind.ip_lines(self.ip()))?;
+        // The inner source (the client) routes back through eth0, not through the tunnel, so
+        // a strict reverse-path filter would drop every packet. The namespace's `all` and
+        // `default` are 0 already (host_ns); saying it on the device keeps it so regardless.
+        let rp_filter = format!("net.ipv4.conf.{IPIP_DEV}.rp_filter");
+        self.ns.sysctls(&[(rp_filter.as_str(), "0")])?;
+        Ok(device)
+    }
+}
+
+impl Topology {
+    /// A kernel ipip device of `kind` on every backend ([`Host::add_kernel_ipip`]); the VIPs are
+    /// on their `lo` already.
+    pub fn add_kernel_ipip(&self, kind: IpipDevice) -> Result<Vec<KernelIpip>> {
+        self.backends
+            .iter()
+            .map(|b| {
+                b.add_kernel_ipip(kind)
+                    .map_err(|e| e.context(format!("kernel ipip device on {}", b.name)))
+            })
+            .collect()
+    }
+}
+
+/// Whether this kernel can create an ipip device of `kind`: tries in a scratch namespace. The
+/// error says why not (typically `Unknown device type`: no `CONFIG_NET_IPIP`, or the `ipip`
+/// module cannot be loaded).
+pub fn probe_kernel_ipip(kind: IpipDevice) -> Result<()> {
+    let ns = Netns::new("ipip-probe")?;
+    ns.ip_batch(&kind.ip_lines(Ipv4Addr::new(192, 0, 2, 1)))?;
+    let link = ns.ip(["-d", "link", "show", "dev", IPIP_DEV])?;
+    if !link.contains("ipip") {
+        bail!("{IPIP_DEV} was created but is not an ipip device: {link}");
+    }
+    Ok(())
+}
