@@ -24,7 +24,7 @@ use std::{
 use anyhow::Result;
 
 pub use client::{Session, UdpClient, connect, download, http_get, udp_who, upload, who};
-pub use server::{Server, UdpEcho};
+pub use server::{Server, UdpEcho, VipUdpEcho};
 
 /// Connect and per-read/write timeout of the client helpers.
 pub const TIMEOUT: Duration = Duration::from_secs(5);

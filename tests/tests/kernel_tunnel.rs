@@ -15,26 +15,18 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    io::{self, ErrorKind},
-    net::{IpAddr, SocketAddr, UdpSocket},
+    io,
+    net::{IpAddr, SocketAddr},
     path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::{self, JoinHandle},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, ensure};
 use lb_tests::{
     bpf::is_root,
     lb::{BackendDecap, Lbd, ServedTopology, VipConfig, render_config, workspace_bin},
-    netns::{
-        Netns,
-        topology::{IPIP_DEV, IpipDevice, Topology, TopologyBuilder, probe_kernel_ipip},
-    },
-    traffic::{UdpClient, download, upload, who},
+    netns::topology::{IPIP_DEV, IpipDevice, Topology, TopologyBuilder, probe_kernel_ipip},
+    traffic::{UdpClient, VipUdpEcho, download, upload, who},
 };
 use lb_userspace::dataplane::kernel::AttachMode;
 
@@ -252,66 +244,4 @@ fn ipip_rx(topo: &Topology) -> Result<Vec<u64>> {
                 .with_context(|| format!("{}: {IPIP_DEV} counters", b.name))
         })
         .collect()
-}
-
-/// A UDP server on a backend bound to the VIP itself, so answers leave from it (direct server
-/// return; a wildcard socket would answer from eth0's address and the client's connected
-/// socket would not take it): answers each datagram with `<name>\n<datagram>`. Stops on drop.
-struct VipUdpEcho {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl VipUdpEcho {
-    fn start(ns: &Netns, name: &str, addr: SocketAddr) -> Result<Self> {
-        let socket = ns
-            .run(|| UdpSocket::bind(addr))
-            .with_context(|| format!("{name}: binding {addr}"))?;
-        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = Arc::clone(&stop);
-            let prefix = format!("{name}\n").into_bytes();
-            thread::Builder::new()
-                .name(format!("udp-{name}"))
-                .spawn(move || {
-                    let mut buf = [0u8; 2048];
-                    while !stop.load(Ordering::Relaxed) {
-                        match socket.recv_from(&mut buf) {
-                            Ok((len, from)) => {
-                                let reply = [prefix.as_slice(), &buf[..len]].concat();
-                                if let Err(e) = socket.send_to(&reply, from) {
-                                    eprintln!("udp echo: answering {from}: {e}");
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    ErrorKind::WouldBlock | ErrorKind::TimedOut
-                                ) => {}
-                            Err(e) => {
-                                eprintln!("udp echo: {e}");
-                                thread::sleep(Duration::from_millis(50));
-                            }
-                        }
-                    }
-                })
-                .context("spawning the UDP echo thread")?
-        };
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for VipUdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            eprintln!("udp echo thread panicked");
-        }
-    }
 }

@@ -11,22 +11,17 @@
 
 use std::{
     collections::BTreeMap,
-    io::ErrorKind,
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::{self, JoinHandle},
+    thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 use lb_tests::{
     lb::{DataPath, Lbd, LbdOptions, VipConfig, render_config},
-    netns::{Netns, topology::Topology},
+    netns::topology::Topology,
     nft::{Count, Hook, NftCounters},
-    traffic::{Server, Session},
+    traffic::{Server, Session, VipUdpEcho},
 };
 use lb_userspace::{dataplane::kernel::AttachMode, metrics::exposition::lint::lint};
 use prometheus_parse::Value;
@@ -315,67 +310,6 @@ fn udp_exchange(socket: &UdpSocket, payload: &[u8]) -> Result<String> {
         .context("answer without a name")?;
     ensure!(&reply[split + 1..] == payload, "answer to another datagram");
     Ok(String::from_utf8_lossy(&reply[..split]).into_owned())
-}
-
-/// A UDP server on a backend, bound to the VIP itself so answers leave from it (direct server
-/// return): answers each datagram with `<name>\n<datagram>`. Stops on drop.
-struct VipUdpEcho {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl VipUdpEcho {
-    fn start(ns: &Netns, name: &str, addr: SocketAddr) -> Result<Self> {
-        let socket = ns
-            .run(|| UdpSocket::bind(addr))
-            .with_context(|| format!("{name}: binding {addr}"))?;
-        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = Arc::clone(&stop);
-            let prefix = format!("{name}\n").into_bytes();
-            thread::Builder::new()
-                .name(format!("udp-{name}"))
-                .spawn(move || {
-                    let mut buf = [0u8; 2048];
-                    while !stop.load(Ordering::Relaxed) {
-                        match socket.recv_from(&mut buf) {
-                            Ok((len, from)) => {
-                                let reply = [prefix.as_slice(), &buf[..len]].concat();
-                                if let Err(e) = socket.send_to(&reply, from) {
-                                    eprintln!("udp echo: answering {from}: {e}");
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    ErrorKind::WouldBlock | ErrorKind::TimedOut
-                                ) => {}
-                            Err(e) => {
-                                eprintln!("udp echo: {e}");
-                                thread::sleep(Duration::from_millis(50));
-                            }
-                        }
-                    }
-                })
-                .context("spawning the UDP echo thread")?
-        };
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for VipUdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            eprintln!("udp echo thread panicked");
-        }
-    }
 }
 
 /// One `/metrics` body: checked strictly, then read by prometheus-parse.
