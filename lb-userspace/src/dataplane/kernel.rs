@@ -350,7 +350,7 @@ impl KernelDataPlane {
                 .attach(iface, mode.xdp_mode())
                 .map_err(|e| DataPlaneError::Interface {
                     iface: iface.to_owned(),
-                    reason: format!("attaching lb_xdp ({mode:?} mode): {e}"),
+                    reason: format!("attaching lb_xdp ({mode:?} mode): {e}{}", attach_hint(mode)),
                 })?;
         let link = program
             .take_link(link_id)
@@ -390,6 +390,19 @@ impl KernelDataPlane {
 enum LinkAdoption {
     Stale(String),
     Failed(String),
+}
+
+/// What a failed attach in `mode` may mean. Kernels 5.8 to about 5.14 (5.10 measured, 6.1
+/// fine) refuse generic XDP for a program that uses a devmap with 8-byte values, as `lb_xdp`
+/// does (`LB_TX_PORTS`), with an empty netlink error.
+fn attach_hint(mode: AttachMode) -> &'static str {
+    match mode {
+        AttachMode::Generic | AttachMode::Auto => {
+            " (generic XDP of a program with a devmap needs a kernel newer than 5.10; 6.1 takes \
+             it: try --xdp-mode native)"
+        }
+        AttachMode::Native => "",
+    }
 }
 
 /// Swaps `program` into the XDP link pinned at `pin` (`BPF_LINK_UPDATE`).
