@@ -14,16 +14,7 @@ impl Rng {
     /// Seeded from the environment variable `var` (decimal), else from the clock; prints the
     /// seed and how to repeat the run.
     pub fn from_env(var: &str) -> Self {
-        let seed = std::env::var(var)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            });
-        eprintln!("random seed {seed} (rerun with {var}={seed})");
-        Self(seed)
+        Self(seed_from_env(var))
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -79,6 +70,21 @@ impl Rng {
         self.fill(&mut buf);
         buf
     }
+}
+
+/// The seed in the environment variable `var` (decimal), else one from the clock; printed with
+/// how to repeat the run.
+pub fn seed_from_env(var: &str) -> u64 {
+    let seed = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("random seed {seed} (rerun with {var}={seed})");
+    seed
 }
 
 #[cfg(test)]

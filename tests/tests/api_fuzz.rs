@@ -33,7 +33,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use lb_tests::lb::{Lbd, MapSnapshot, ServedTopology, alive, memory_kib, reset_peak_memory};
 use lb_tests::netns::topology::Topology;
-use lb_tests::rng::Rng;
+use lb_tests::rng::{Rng, seed_from_env};
 use lb_userspace::{
     api::{
         proto::{BODY_LIMIT, ChangeReply, Debug, ErrorReply, StateReply, Status},
@@ -81,15 +81,7 @@ fn body(bed: &ServedTopology, lbd: &Lbd) -> Result<()> {
     let pid = lbd.pid().context("lbd has no pid")?;
     let socket = lbd.socket_path.clone();
     let before = Unchanged::take(lbd)?;
-    let seed = std::env::var("LB_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("api fuzz: seed {seed} (LB_TEST_SEED={seed} repeats it)");
+    let seed = seed_from_env("LB_TEST_SEED");
     let ctx = Arc::new(Ctx {
         vip: bed.target().to_string() + "/tcp",
         backends: bed
