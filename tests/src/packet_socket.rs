@@ -68,27 +68,9 @@ impl PacketSocket {
         let mut msgs: Vec<libc::mmsghdr> =
             (0..BATCH).map(|_| message(&mut addr, &mut iov)).collect();
         while !stop.load(Ordering::Relaxed) {
-            // SAFETY: `msgs` points at `addr` and `iov`, which outlive the call; the kernel
-            // only reads the frame.
-            let n = unsafe {
-                libc::sendmmsg(
-                    self.fd.as_raw_fd(),
-                    msgs.as_mut_ptr(),
-                    BATCH as libc::c_uint,
-                    0,
-                )
-            };
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                // A full device queue is back-pressure, not a failure.
-                match err.raw_os_error() {
-                    Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR) => thread::yield_now(),
-                    _ => return Err(err).context("sendmmsg"),
-                }
-            } else {
-                self.sent
-                    .fetch_add(n.unsigned_abs().into(), Ordering::Relaxed);
-            }
+            // SAFETY: `msgs` points at `addr` and `iov`, which outlive the call.
+            let n = unsafe { self.send_batch(&mut msgs)? };
+            self.sent.fetch_add(n as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -110,30 +92,42 @@ impl PacketSocket {
                 iovs.iter_mut().map(|iov| message(&mut addr, iov)).collect();
             let mut done = 0;
             while done < msgs.len() {
-                // SAFETY: `msgs` points at `addr` and `iovs`, which outlive the call; the
-                // kernel only reads the frames.
-                let n = unsafe {
-                    libc::sendmmsg(
-                        self.fd.as_raw_fd(),
-                        msgs[done..].as_mut_ptr(),
-                        (msgs.len() - done) as libc::c_uint,
-                        0,
-                    )
-                };
-                if n < 0 {
-                    let err = std::io::Error::last_os_error();
-                    match err.raw_os_error() {
-                        Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR) => thread::yield_now(),
-                        _ => return Err(err).context("sendmmsg"),
-                    }
-                } else {
-                    done += n.unsigned_abs() as usize;
-                }
+                // SAFETY: `msgs` points at `addr` and `iovs`, which outlive the call.
+                done += unsafe { self.send_batch(&mut msgs[done..])? };
             }
             sent += done as u64;
         }
         self.sent.fetch_add(sent, Ordering::Relaxed);
         Ok(sent)
+    }
+
+    /// One `sendmmsg` of `msgs`: how many frames the kernel took, 0 when its device queue was
+    /// full (back-pressure, not a failure).
+    ///
+    /// # Safety
+    /// Every message's address and iovec pointers must be valid for the call; the kernel only
+    /// reads through them.
+    unsafe fn send_batch(&self, msgs: &mut [libc::mmsghdr]) -> Result<usize> {
+        // SAFETY: the caller keeps the pointers in `msgs` valid.
+        let n = unsafe {
+            libc::sendmmsg(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                msgs.len() as libc::c_uint,
+                0,
+            )
+        };
+        if n >= 0 {
+            return Ok(n.unsigned_abs() as usize);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR) => {
+                thread::yield_now();
+                Ok(0)
+            }
+            _ => Err(err).context("sendmmsg"),
+        }
     }
 
     /// The link-layer address every frame goes to: this socket's interface.
