@@ -11,5 +11,7 @@ pub const ENTROPY: bool = cfg!(feature = "knockout-entropy");
 pub const ENCAP: bool = cfg!(feature = "knockout-encap");
 /// No flow-table lookup: every packet is a hit on backend slot 0 (for hit-path figures only).
 pub const FLOW_LOOKUP: bool = cfg!(feature = "knockout-flow-lookup");
+/// No new-flow rate guard: every new flow may be recorded, without reading the guard's maps.
+pub const GUARD: bool = cfg!(feature = "knockout-guard");
 /// No flow-table insert: a new flow is counted as pinned but never stored (new-flow figures only).
 pub const FLOW_INSERT: bool = cfg!(feature = "knockout-flow-insert");

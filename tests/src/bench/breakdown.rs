@@ -32,12 +32,13 @@ enum Kind {
 use Kind::{Hit, NewSyn, NonVip};
 
 /// (knock-out feature suffix, what it removes, the paths where that stage runs).
-const KNOCKOUTS: [(&str, &str, &[Kind]); 5] = [
+const KNOCKOUTS: [(&str, &str, &[Kind]); 6] = [
     ("stats", "counters", &[NonVip, Hit, NewSyn]),
     ("entropy", "outer-source entropy", &[Hit, NewSyn]),
     ("encap", "encapsulation", &[Hit, NewSyn]),
     ("flow-lookup", "flow-table lookup", &[Hit]),
     ("flow-insert", "flow-table insert", &[NewSyn]),
+    ("guard", "new-flow rate guard (no limit set)", &[NewSyn]),
 ];
 
 fn workspace_root() -> PathBuf {
