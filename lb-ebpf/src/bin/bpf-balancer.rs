@@ -127,29 +127,35 @@ fn choose(
     tick: u32,
 ) -> Result<(Backend, bool, Choice), DropReason> {
     let flow = &packet.flow;
-    // The rate guard, read at most once per packet, and only when it may record a flow.
-    let mut guard = None;
     // A SYN nearly always opens a flow the table has never seen: record it first, and look the
     // table up only when an entry exists (a retransmitted SYN, or the port reused). One hash
     // table operation instead of two on the common path. Without a table backend, the entry
-    // (a draining backend's, say) still decides below.
+    // (a draining backend's, say) still decides below. The Maglev pick and the rate guard read
+    // here serve the fallback too, so a SYN over the guard's limit (a flood) pays for them once.
+    let mut picked = None;
     if packet.syn
         && let Ok(backend) = lookup::ring_backend(vip, ring_hash(vip, flow))
     {
-        let limit = *guard.insert(Guard::at(tick));
-        if limit.room() && lookup::pin_new_flow(flow, backend, tick) {
-            limit.recorded();
+        let guard = Guard::at(tick);
+        if guard.room() && lookup::pin_new_flow(flow, backend, tick) {
+            guard.recorded();
             count(Counter::NewFlows);
             return Ok((backend, true, Choice::New));
         }
+        picked = Some((backend, guard));
     }
     if let Some(backend) = lookup::pinned_backend(flow, tick, packet.syn, packet.fin_rst) {
         count(Counter::FlowHits);
         return Ok((backend, false, Choice::Hit));
     }
-    let backend = lookup::ring_backend(vip, ring_hash(vip, flow))?;
+    let (backend, guard) = match picked {
+        Some(picked) => picked,
+        None => (
+            lookup::ring_backend(vip, ring_hash(vip, flow))?,
+            Guard::at(tick),
+        ),
+    };
     // Over the guard's limit the flow still goes to the table's backend, unrecorded.
-    let guard = guard.unwrap_or_else(|| Guard::at(tick));
     let pinned = guard.room() && lookup::pin_flow(flow, backend, tick);
     if pinned {
         guard.recorded();
