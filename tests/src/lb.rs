@@ -106,6 +106,21 @@ pub fn render_config(vips: &[VipConfig]) -> String {
     out
 }
 
+/// `RUN_ROOT/<tag>`, empty: the folder of an lbd's control socket and state file.
+fn fresh_run_dir(tag: &str) -> Result<PathBuf> {
+    let run_dir = Path::new(RUN_ROOT).join(tag);
+    // A leftover from a crashed run of the same name would hand lbd someone else's state.
+    if run_dir.exists() {
+        fs::remove_dir_all(&run_dir)
+            .with_context(|| format!("removing stale {}", run_dir.display()))?;
+    }
+    fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    // Others may traverse it: the socket's own mode is what keeps them out.
+    fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("chmod {}", run_dir.display()))?;
+    Ok(run_dir)
+}
+
 /// Data-plane sizes lbd is started with (used when its maps are first created).
 #[derive(Clone, Copy, Debug)]
 pub struct LbdOptions {
@@ -166,17 +181,8 @@ impl<'a> Lbd<'a> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{tag}"));
         let config_path = std::env::temp_dir().join(format!("{tag}-lb.toml"));
         let log_path = std::env::temp_dir().join(format!("{tag}-lbd.log"));
-        let run_dir = Path::new(RUN_ROOT).join(&tag);
         fs::write(&config_path, config).context("writing lbd config")?;
-        // A leftover from a crashed run of the same name would hand lbd someone else's state.
-        if run_dir.exists() {
-            fs::remove_dir_all(&run_dir)
-                .with_context(|| format!("removing stale {}", run_dir.display()))?;
-        }
-        fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-        // Others may traverse it: the socket's own mode is what keeps them out.
-        fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("chmod {}", run_dir.display()))?;
+        let run_dir = fresh_run_dir(&tag)?;
         let mut lbd = Self {
             ns,
             pid: None,
@@ -773,14 +779,7 @@ impl BareLbd {
         STALE_CLEANUP.call_once(cleanup_stale);
         let ns = Netns::new(label)?;
         let tag = ns.name().to_owned();
-        let run_dir = Path::new(RUN_ROOT).join(&tag);
-        if run_dir.exists() {
-            fs::remove_dir_all(&run_dir)
-                .with_context(|| format!("removing stale {}", run_dir.display()))?;
-        }
-        fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-        fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("chmod {}", run_dir.display()))?;
+        let run_dir = fresh_run_dir(&tag)?;
         let config_path = run_dir.join("lb.toml");
         fs::write(&config_path, "").context("writing lbd config")?;
         Ok(Self {

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, net::IpAddr};
 
 use lb_userspace::{
     api::proto::{ChangeReply, FlowProgress, Status},
-    model::VipSpec,
+    model::{VipId, VipSpec},
 };
 
 /// `1 flow`, `2 flows`.
@@ -74,11 +74,19 @@ pub fn status_table(status: &Status) -> String {
         ],
         &rows,
     );
-    for vip in status.vips.iter().filter(|v| v.all_down) {
+    out.push_str(&all_down_warnings(
+        status.vips.iter().filter(|v| v.all_down).map(|v| v.vip),
+    ));
+    out
+}
+
+/// One warning line per VIP whose backends all fail their health checks (`status`, `stats`).
+pub fn all_down_warnings(vips: impl Iterator<Item = VipId>) -> String {
+    let mut out = String::new();
+    for vip in vips {
         let _ = writeln!(
             out,
-            "warning: every backend of {} fails its health checks; it keeps its last table",
-            vip.vip
+            "warning: every backend of {vip} fails its health checks; it keeps its last table"
         );
     }
     out

@@ -8,7 +8,7 @@ use lb_userspace::{
     units::{bytes, count},
 };
 
-use crate::output::{Align, plural, table};
+use crate::output::{Align, all_down_warnings, plural, table};
 
 /// `lbctl stats`: a line saying what the numbers are, one row per VIP (its totals) followed by
 /// one per backend, then the flow table and the global counters.
@@ -73,14 +73,9 @@ pub fn stats_table(stats: &Stats) -> String {
             &rows,
         ));
     }
-    for vip in stats.vips.iter().filter(|v| v.all_down) {
-        writeln!(
-            out,
-            "warning: every backend of {} fails its health checks; it keeps its last table",
-            vip.vip
-        )
-        .expect("writing to a String");
-    }
+    out.push_str(&all_down_warnings(
+        stats.vips.iter().filter(|v| v.all_down).map(|v| v.vip),
+    ));
     let ft = stats.flow_table;
     write!(out, "flow table: {} of {} entries", ft.entries, ft.capacity)
         .expect("writing to a String");
