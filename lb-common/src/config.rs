@@ -2,6 +2,13 @@
 
 /// Data-plane debug logging on (aya-log); off by default.
 pub const CFG_F_DEBUG: u32 = 1 << 0;
+/// Answer ICMP echo requests (and ICMPv6's) addressed to a VIP address; dropped as
+/// `unsupported_protocol` otherwise.
+pub const CFG_F_ECHO_REPLY: u32 = 1 << 1;
+/// A client packet that would exceed the egress MTU once encapsulated is answered with ICMP
+/// fragmentation-needed (or ICMPv6 packet-too-big) naming the MTU left for it; dropped as
+/// `too_big` otherwise.
+pub const CFG_F_TOO_BIG_REPLY: u32 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -19,4 +26,12 @@ pub struct GlobalConfig {
     /// (15-20 ns, measured). Stands still while no lbd runs; a restarted lbd knows the tick it
     /// found as the one flows were stamped with meanwhile (see `flows::Clock`).
     pub now_tick: u32,
+    /// Outer IPv6 source toward IPv6 backends, in wire order: the last word becomes
+    /// `encap_src_v6[3] | (encap_entropy & encap_src_v6_mask)` (wire order too), so up to the
+    /// low 32 bits of the address carry the flow's entropy.
+    pub encap_src_v6: [u32; 4],
+    pub encap_src_v6_mask: u32,
+    pub pad: u32,
 }
+
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);

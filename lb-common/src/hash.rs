@@ -62,6 +62,20 @@ pub fn encap_entropy(key: &FlowKey) -> u32 {
     x ^ (x >> 16)
 }
 
+/// The GUE outer UDP source port (host order) for a flow's [`encap_entropy`]: its high half,
+/// kept in 32768..=65535 so it never looks like a well-known service port.
+#[inline(always)]
+pub fn gue_source_port(entropy: u32) -> u16 {
+    ((entropy >> 16) as u16) | 0x8000
+}
+
+/// The outer IPv6 flow label (host order, 20 bits) for a flow's [`encap_entropy`]: routers
+/// hash it for ECMP, and it stays the same for every packet of the flow.
+#[inline(always)]
+pub fn flow_label(entropy: u32) -> u32 {
+    entropy & 0x000f_ffff
+}
+
 /// Hash of the source address only (`VIP_F_HASH_SRC_ONLY`).
 #[inline(always)]
 pub fn src_hash(key: &FlowKey) -> u32 {
@@ -79,6 +93,27 @@ pub fn csum_fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// Adds 16-bit words (any order, as long as the result is stored in the same order) to a
+/// one's complement sum, for [`csum_fold`].
+#[inline(always)]
+pub fn csum_add<const N: usize>(mut sum: u32, words: &[u16; N]) -> u32 {
+    let mut i = 0;
+    // A constant bound: unrolled, no loop left for the verifier.
+    while i < N {
+        sum += u32::from(words[i]);
+        i += 1;
+    }
+    sum
+}
+
+/// RFC 1624's incremental update of a stored checksum `check` when one 16-bit word of the data
+/// changes from `old` to `new` (all three in the same byte order).
+#[inline(always)]
+pub fn csum_replace(check: u16, old: u16, new: u16) -> u16 {
+    let sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    csum_fold(sum)
 }
 
 /// Checksum of a 20-byte IPv4 header given as ten 16-bit words in memory order (the checksum
@@ -115,6 +150,34 @@ mod tests {
             *w = u16::from_ne_bytes([bytes[2 * i], bytes[2 * i + 1]]);
         }
         assert_eq!(ipv4_header_csum(&words).to_ne_bytes(), [0xb8, 0x61]);
+        assert_eq!(csum_fold(csum_add(0, &words)).to_ne_bytes(), [0xb8, 0x61]);
+    }
+
+    #[test]
+    fn incremental_update_matches_a_full_sum() {
+        let mut words = [
+            0x4500u16, 0x0073, 0, 0x4000, 0x4011, 0, 0xc0a8, 0x0001, 0xc0a8, 0x00c7,
+        ];
+        let check = csum_fold(csum_add(0, &words));
+        for (old, new) in [(0x4011, 0x4001), (0x0073, 0xffff), (0x4011, 0x0000)] {
+            words[4] = old;
+            let check = csum_fold(csum_add(0, &words));
+            words[4] = new;
+            assert_eq!(
+                csum_replace(check, old, new),
+                csum_fold(csum_add(0, &words))
+            );
+        }
+        assert_ne!(check, 0);
+    }
+
+    #[test]
+    fn gue_port_and_flow_label_stay_in_range() {
+        for e in [0, 1, 0x7fff_ffff, 0xffff_ffff, 0x1234_5678] {
+            assert!(gue_source_port(e) >= 0x8000);
+            assert!(flow_label(e) <= 0xf_ffff);
+        }
+        assert_ne!(gue_source_port(0x0001_0000), gue_source_port(0x0002_0000));
     }
 
     #[test]

@@ -7,8 +7,10 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
+pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// An address in wire order, padded to 16 bytes.
 pub type WireAddr = [u32; 4];
@@ -142,8 +144,16 @@ pub const SLOT_DOWN: u8 = 3;
 /// apart from a live slot lets a restarted lbd quarantine it rather than adopt it.
 pub const SLOT_RETIRED: u8 = 4;
 
-/// Encapsulation kinds (`BackendSlot::encap`).
+/// Encapsulation kinds (`BackendSlot::encap`). The outer header's family is the backend's
+/// (`BackendSlot::family`), whatever the client's: IPv4 or IPv6 in IPv4 (protocol 4 or 41), or
+/// in IPv6 (next header 4 or 41).
 pub const ENCAP_IPIP: u8 = 0;
+/// GUE variant 1 (RFC draft "Generic UDP Encapsulation" section 4: the UDP payload is the
+/// client's IP packet itself, no GUE header): outer IP, UDP to `BackendSlot::encap_port`, the
+/// client's packet. The UDP source port carries the flow's entropy (see
+/// `hash::gue_source_port`), so ECMP routers and the backend's RSS spread flows; the UDP
+/// checksum is zero (RFC 6935 allows it for tunnels over IPv6 too).
+pub const ENCAP_GUE: u8 = 1;
 
 /// Value of `LB_BACKENDS`: one backend of one VIP, with everything the fast path needs to send
 /// a packet to it. A slot's generation changes whenever it is freed, so flows that pointed at the
@@ -167,7 +177,9 @@ pub struct BackendSlot {
     pub dst_mac: [u8; 6],
     /// The egress interface's own MAC.
     pub src_mac: [u8; 6],
-    pub pad1: [u8; 4],
+    /// GUE destination port (network byte order); zero with IPIP.
+    pub encap_port: u16,
+    pub pad1: [u8; 2],
 }
 
 impl BackendSlot {

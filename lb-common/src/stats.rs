@@ -5,15 +5,20 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
-    /// IPv4 header with IHL < 5, a version other than 4, or a total length that does not fit.
+    /// IPv4 header with IHL < 5, a version other than 4, or a total length that does not fit;
+    /// IPv6 header with a version other than 6, or a payload length of zero (a jumbogram) or
+    /// one that does not fit.
     BadIpHeader = 0,
-    /// IPv4 options (IHL > 5): not forwarded, as in Katran.
+    /// IPv4 options (IHL > 5), or IPv6 extension headers (hop-by-hop, routing, destination
+    /// options): not forwarded, as in Katran.
     IpOptions = 1,
-    /// IPv4 fragment (MF set or non-zero offset): the L4 ports are not in every fragment.
+    /// IPv4 fragment (MF set or non-zero offset), or an IPv6 fragment header: the L4 ports are
+    /// not in every fragment.
     Fragment = 2,
-    /// TCP or UDP header cut short, or TCP data offset < 5.
+    /// TCP, UDP, ICMP or ICMPv6 header cut short, or TCP data offset < 5.
     BadL4Header = 3,
-    /// A VIP address with a protocol no VIP serves (not TCP or UDP).
+    /// A VIP address with a protocol no VIP serves (not TCP or UDP), or an ICMP message the
+    /// balancer does not handle (echo requests while echo replies are off included).
     UnsupportedProtocol = 4,
     /// The VIP has no usable backend.
     NoBackend = 5,
@@ -21,10 +26,16 @@ pub enum DropReason {
     EncapFailed = 6,
     /// The backend slot names no egress interface the program can reach.
     NoRoute = 7,
+    /// An ICMP or ICMPv6 error to a VIP address whose quoted packet is cut short, has IPv4
+    /// options or IPv6 extension headers, is not TCP or UDP, or is not from a VIP.
+    BadIcmp = 8,
+    /// Encapsulated, the packet would exceed the egress interface's MTU, and too-big replies
+    /// are off (`CFG_F_TOO_BIG_REPLY`).
+    TooBig = 9,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::BadIpHeader,
         DropReason::IpOptions,
         DropReason::Fragment,
@@ -33,6 +44,8 @@ impl DropReason {
         DropReason::NoBackend,
         DropReason::EncapFailed,
         DropReason::NoRoute,
+        DropReason::BadIcmp,
+        DropReason::TooBig,
     ];
 
     /// The metric label and documentation name.
@@ -46,6 +59,8 @@ impl DropReason {
             DropReason::NoBackend => "no_backend",
             DropReason::EncapFailed => "encap_failed",
             DropReason::NoRoute => "no_route",
+            DropReason::BadIcmp => "bad_icmp",
+            DropReason::TooBig => "too_big",
         }
     }
 }
@@ -70,8 +85,15 @@ pub enum Counter {
     /// or its backend went away, or its entry was evicted): re-hashed through Maglev. A UDP
     /// datagram with no entry starts a new flow and is not a miss.
     FlowMisses = 6,
+    /// ICMP and ICMPv6 errors quoting a VIP flow, sent on to the flow's backend.
+    IcmpForwarded = 7,
+    /// Echo replies the balancer sent for a VIP address (`CFG_F_ECHO_REPLY`).
+    EchoReplies = 8,
+    /// Fragmentation-needed or packet-too-big replies sent to clients whose packet would not
+    /// fit the egress MTU once encapsulated (`CFG_F_TOO_BIG_REPLY`).
+    TooBigReplies = 9,
     /// First of `DropReason::ALL.len()` per-reason drop counters.
-    DropBase = 8,
+    DropBase = 16,
 }
 
 /// Number of entries in `LB_GLOBAL_STATS`.

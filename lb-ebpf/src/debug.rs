@@ -6,7 +6,11 @@
 
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::debug;
-use lb_common::{DropReason, FlowKey, GlobalConfig, config::CFG_F_DEBUG};
+use lb_common::{
+    DropReason, FlowKey, GlobalConfig,
+    config::CFG_F_DEBUG,
+    keys::{FAMILY_V6, WireAddr},
+};
 
 use crate::lookup::Backend;
 
@@ -41,6 +45,22 @@ impl Switch {
             Choice::New => "new flow",
             Choice::Rehash => "rehashed",
         };
+        if flow.family == FAMILY_V6 {
+            debug!(
+                ctx,
+                target: TARGET,
+                "{} [{:i}]:{} -> [{:i}]:{} proto {}: slot {} via ifindex {}",
+                how,
+                v6_bytes(&flow.src),
+                u16::from_be(flow.sport),
+                v6_bytes(&flow.dst),
+                u16::from_be(flow.dport),
+                flow.proto,
+                backend.index,
+                backend.slot.ifindex
+            );
+            return;
+        }
         debug!(
             ctx,
             target: TARGET,
@@ -56,6 +76,16 @@ impl Switch {
             backend.slot.ifindex
         );
     }
+}
+
+/// An IPv6 address's bytes from its wire-order words, for the log's `{:i}`.
+#[inline(always)]
+fn v6_bytes(addr: &WireAddr) -> [u8; 16] {
+    let [a, b, c, d] = addr.map(u32::to_ne_bytes);
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
 }
 
 /// How a packet's backend was chosen.
@@ -74,9 +104,10 @@ pub enum Choice {
 pub struct Dropped {
     pub reason: DropReason,
     pub log: Switch,
-    /// IPv4 source and destination in wire order.
-    pub src: u32,
-    pub dst: u32,
+    /// Source and destination in wire order, of family `family`.
+    pub src: WireAddr,
+    pub dst: WireAddr,
+    pub family: u8,
 }
 
 impl Dropped {
@@ -85,8 +116,9 @@ impl Dropped {
         Self {
             reason,
             log,
-            src: flow.src[0],
-            dst: flow.dst[0],
+            src: flow.src,
+            dst: flow.dst,
+            family: flow.family,
         }
     }
 
@@ -97,12 +129,24 @@ impl Dropped {
         if !self.log.0 {
             return;
         }
+        if self.family == FAMILY_V6 {
+            debug!(
+                ctx,
+                target: TARGET,
+                "drop {:i} -> {:i}: {} ({})",
+                v6_bytes(&self.src),
+                v6_bytes(&self.dst),
+                self.reason.name(),
+                self.reason as u32
+            );
+            return;
+        }
         debug!(
             ctx,
             target: TARGET,
             "drop {:i} -> {:i}: {} ({})",
-            self.src.to_ne_bytes(),
-            self.dst.to_ne_bytes(),
+            self.src[0].to_ne_bytes(),
+            self.dst[0].to_ne_bytes(),
             self.reason.name(),
             self.reason as u32
         );

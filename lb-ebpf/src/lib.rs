@@ -18,6 +18,8 @@ pub mod encap;
 pub mod guard;
 #[cfg(feature = "balancer")]
 pub mod hc;
+#[cfg(feature = "balancer")]
+pub mod icmp;
 pub mod knockout;
 #[cfg(feature = "balancer")]
 pub mod lookup;

@@ -92,6 +92,22 @@ pub fn pinned_backend(flow: &FlowKey, tick: u32, syn: bool, fin_rst: bool) -> Op
     Some(Backend { index, slot })
 }
 
+/// The backend `flow` is pinned to, if that pin still holds, without touching the entry: for
+/// an ICMP error about the flow, which says nothing about whether the flow is alive.
+#[inline(always)]
+pub fn existing_backend(flow: &FlowKey) -> Option<Backend> {
+    // SAFETY: a pointer from a successful lookup stays valid for this program run (RCU).
+    let value = unsafe { *LB_FLOWS.get_ptr(flow)? };
+    let slot = LB_BACKENDS.get(value.slot)?;
+    if slot.generation != value.generation || !slot.keeps_flows() {
+        return None;
+    }
+    Some(Backend {
+        index: value.slot,
+        slot,
+    })
+}
+
 /// The backend the VIP's Maglev table gives for `hash`.
 #[inline(always)]
 pub fn ring_backend(vip: &VipMeta, hash: u32) -> Result<Backend, DropReason> {

@@ -1,6 +1,7 @@
-//! `lb_xdp`, the balancer: parse, VIP lookup, flow table or Maglev ring, IPIP encapsulation,
-//! egress, stats, debug log; and `lb_hc_encap`, the tc egress program that sends health checks
-//! through a backend's tunnel. This object also defines every LB_* map (see `lb_ebpf::maps`),
+//! `lb_xdp`, the balancer: parse, VIP lookup, flow table or Maglev ring, encapsulation (IPIP or
+//! GUE, IPv4 or IPv6 outer), egress MTU check, egress, ICMP to VIP addresses, stats, debug
+//! log; and `lb_hc_encap`, the tc egress program that sends health checks through a backend's
+//! tunnel. This object also defines every LB_* map (see `lb_ebpf::maps`),
 //! which both programs share, and aya-log's `AYA_LOGS` ring (see `lb_ebpf::debug`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -17,6 +18,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Counter, DropReason, FlowKey, GlobalConfig, VipMeta,
+    config::{CFG_F_ECHO_REPLY, CFG_F_TOO_BIG_REPLY},
     hash::{encap_entropy, flow_hash, src_hash},
     keys::{PROTO_UDP, VIP_F_HASH_SRC_ONLY},
 };
@@ -24,9 +26,9 @@ use lb_ebpf::{
     debug::{Choice, Dropped, Switch},
     egress, encap,
     guard::Guard,
-    hc, knockout,
+    hc, icmp, knockout,
     lookup::{self, Backend},
-    parse::{self, Packet, Parsed},
+    parse::{self, Icmp, IcmpKind, IpInfo, Packet, Parsed},
     stats::{count, count_drop, count_traffic},
 };
 
@@ -52,6 +54,7 @@ fn pass() -> u32 {
 fn try_lb(ctx: &XdpContext) -> Result<u32, Dropped> {
     let packet = match parse::parse(ctx) {
         Parsed::Packet(packet) => packet,
+        Parsed::Icmp(icmp) => return icmp_to_vip(ctx, &icmp),
         Parsed::NotIp => return Ok(pass()),
         // Never forward what we cannot parse; drop it only when it was meant for a VIP.
         Parsed::Malformed {
@@ -67,7 +70,8 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Dropped> {
                     reason,
                     log,
                     src,
-                    dst: dst[0],
+                    dst,
+                    family,
                 })
             } else {
                 Ok(pass())
@@ -87,7 +91,8 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Dropped> {
     forward(ctx, &packet, &vip, cfg, log).map_err(|reason| Dropped::new(reason, log, flow))
 }
 
-/// Picks the backend of a packet for `vip`, encapsulates the packet and sends it on.
+/// Picks the backend of a packet for `vip`, encapsulates the packet and sends it on; or, when
+/// it would not fit the egress MTU once encapsulated, answers the client with the MTU it has.
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
@@ -101,21 +106,86 @@ fn forward(
     let tick = cfg.now_tick;
     let (backend, new_flow, choice) = choose(packet, vip, tick)?;
 
-    let entropy = if cfg.encap_src_v4_mask == 0 || knockout::ENTROPY {
-        0
-    } else {
-        encap_entropy(flow) & cfg.encap_src_v4_mask
-    };
-    let inner = encap::Inner {
-        tos: packet.tos,
-        tot_len: packet.tot_len,
-    };
-    if !knockout::ENCAP {
-        encap::ipip_v4(ctx, backend.slot, &inner, cfg.encap_src_v4 | entropy)?;
+    let overhead = encap::overhead(backend.slot).ok_or(DropReason::EncapFailed)?;
+    if let Some(mtu) = egress::too_big(ctx, backend.slot, packet.ip.len, overhead) {
+        if cfg.flags & CFG_F_TOO_BIG_REPLY == 0 {
+            return Err(DropReason::TooBig);
+        }
+        icmp::too_big_reply(ctx, &packet.ip, mtu.saturating_sub(overhead))?;
+        count(Counter::TooBigReplies);
+        count(Counter::Tx);
+        return Ok(xdp_action::XDP_TX);
     }
-    let action = egress::send(ctx, backend.slot)?;
+    let action = encap_and_send(ctx, backend, &packet.ip, flow, cfg)?;
     count_traffic(vip.vip_id, backend.index, packet.len, new_flow);
     log.forward(ctx, flow, choice, backend);
+    Ok(action)
+}
+
+/// Encapsulates the packet of `flow` toward `backend` and sends it on.
+#[inline(always)]
+fn encap_and_send(
+    ctx: &XdpContext,
+    backend: Backend,
+    ip: &IpInfo,
+    flow: &FlowKey,
+    cfg: &GlobalConfig,
+) -> Result<u32, DropReason> {
+    let entropy = if knockout::ENTROPY {
+        0
+    } else {
+        encap_entropy(flow)
+    };
+    if !knockout::ENCAP {
+        encap::encapsulate(ctx, backend.slot, ip, cfg, entropy)?;
+    }
+    egress::send(ctx, backend.slot)
+}
+
+/// ICMP or ICMPv6 to a VIP address: echo requests answered, errors quoting a VIP flow sent to
+/// that flow's backend, the rest dropped. ICMP to any other address goes on untouched.
+#[inline(always)]
+fn icmp_to_vip(ctx: &XdpContext, msg: &Icmp) -> Result<u32, Dropped> {
+    if !lookup::is_vip_address(msg.dst, msg.ip.family) {
+        return Ok(pass());
+    }
+    let cfg = lookup::config();
+    let log = cfg.map_or(Switch::OFF, Switch::new);
+    let dropped = |reason| Dropped {
+        reason,
+        log,
+        src: msg.src,
+        dst: msg.dst,
+        family: msg.ip.family,
+    };
+    let Some(cfg) = cfg else {
+        return Err(dropped(DropReason::EncapFailed));
+    };
+    match icmp::kind(ctx, msg).map_err(dropped)? {
+        IcmpKind::EchoRequest if cfg.flags & CFG_F_ECHO_REPLY != 0 => {
+            icmp::echo_reply(ctx, msg).map_err(dropped)?;
+            count(Counter::EchoReplies);
+            count(Counter::Tx);
+            Ok(xdp_action::XDP_TX)
+        }
+        IcmpKind::Error => forward_icmp_error(ctx, msg, cfg).map_err(dropped),
+        IcmpKind::EchoRequest | IcmpKind::Other => Err(dropped(DropReason::UnsupportedProtocol)),
+    }
+}
+
+/// Sends an ICMP error about a VIP flow to the backend that owns the flow (the one its entry
+/// names, or else the one the VIP's table gives it), encapsulated like the flow's own packets:
+/// the backend's stack then learns the path MTU toward the client, or that it is unreachable.
+#[inline(always)]
+fn forward_icmp_error(ctx: &XdpContext, msg: &Icmp, cfg: &GlobalConfig) -> Result<u32, DropReason> {
+    let flow = icmp::quoted_flow(ctx, msg)?;
+    let vip = lookup::vip(&flow).ok_or(DropReason::BadIcmp)?;
+    let backend = match lookup::existing_backend(&flow) {
+        Some(backend) => backend,
+        None => lookup::ring_backend(&vip, ring_hash(&vip, &flow))?,
+    };
+    let action = encap_and_send(ctx, backend, &msg.ip, &flow, cfg)?;
+    count(Counter::IcmpForwarded);
     Ok(action)
 }
 

@@ -1,4 +1,4 @@
-//! Backend-side programs: `lb_decap` (strips the balancer's IPIP header for local VIPs) and
+//! Backend-side programs: `lb_decap` (strips the balancer's outer headers for local VIPs) and
 //! `xdp_pass` (a trivial `XDP_PASS` for veth peers and the benchmark floor). This object defines
 //! only `LB_DECAP_VIPS`, so a backend does not create the balancer's large maps.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -16,7 +16,7 @@ use lb_ebpf::decap::{self, Decap};
 /// it arrived.
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
-    match decap::strip_ipip(&ctx) {
+    match decap::strip(&ctx) {
         // Either way the stack gets the frame: stripped, or as it arrived.
         Decap::Stripped | Decap::Untouched => xdp_action::XDP_PASS,
     }
