@@ -659,6 +659,8 @@ impl Agent {
                 if let Err(e) = self.control.dp_mut().set_flow_guard(limit) {
                     tracing::error!(error = %e, "writing the new-flow limit failed");
                 }
+                // A new gue_port rewrites the slots of GUE VIPs; otherwise nothing changes.
+                self.reconcile();
             }
             Err(e) => {
                 tracing::error!(error = %e, "config reload rejected; keeping the running config");

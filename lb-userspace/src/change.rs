@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::check::{CheckKind, CheckSpec};
 use crate::model::{
-    BackendSpec, DEFAULT_RING_SIZE, DEFAULT_WEIGHT, DesiredState, HashMode, ModelError, VipId,
-    VipSpec,
+    BackendSpec, DEFAULT_RING_SIZE, DEFAULT_WEIGHT, DesiredState, Encap, HashMode, ModelError,
+    VipId, VipSpec,
 };
 
 /// One edit of the desired state. Serialized with an `op` tag, e.g.
@@ -23,6 +23,9 @@ pub enum Change {
         ring_size: Option<u32>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hash: Option<HashMode>,
+        /// IPIP when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        encap: Option<Encap>,
         /// The default check of its backends.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         check: Option<CheckSpec>,
@@ -40,11 +43,16 @@ pub enum Change {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         check: Option<CheckSpec>,
     },
-    /// New table size and hash mode for an existing VIP.
+    /// New table size, hash mode and (when given) encapsulation for an existing VIP. A new
+    /// encapsulation rewrites the VIP's backend slots in place: established flows keep their
+    /// backends.
     VipSet {
         vip: VipId,
         ring_size: u32,
         hash: HashMode,
+        /// Unchanged when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        encap: Option<Encap>,
     },
     VipDel {
         vip: VipId,
@@ -84,10 +92,12 @@ impl Change {
                 vip,
                 ring_size,
                 hash,
+                encap,
                 check,
             } => state.add_vip(VipSpec {
                 ring_size: ring_size.unwrap_or(DEFAULT_RING_SIZE),
                 hash: hash.unwrap_or_default(),
+                encap: encap.unwrap_or_default(),
                 check,
                 ..VipSpec::new(vip)
             }),
@@ -101,7 +111,10 @@ impl Change {
                 vip,
                 ring_size,
                 hash,
-            } => state.set_vip_options(&vip, ring_size, hash).map(drop),
+                encap,
+            } => state
+                .set_vip_options(&vip, ring_size, hash, encap)
+                .map(drop),
             Change::VipDel { vip } => state.del_vip(&vip).map(drop),
             Change::BackendAdd {
                 vip,
@@ -153,6 +166,7 @@ impl fmt::Display for Change {
                 vip,
                 ring_size,
                 hash,
+                encap,
                 check,
             } => {
                 write!(
@@ -161,6 +175,10 @@ impl fmt::Display for Change {
                     ring_size.unwrap_or(DEFAULT_RING_SIZE),
                     hash.unwrap_or_default()
                 )?;
+                // The default (IPIP) is left out, as for every VIP before GUE existed.
+                if let Some(e) = encap.filter(|e| *e != Encap::Ipip) {
+                    write!(f, " encap {e}")?;
+                }
                 write_check(f, check.as_ref())
             }
             Change::VipCheck { vip, check } => {
@@ -179,7 +197,14 @@ impl fmt::Display for Change {
                 vip,
                 ring_size,
                 hash,
-            } => write!(f, "~ vip {vip} ring_size {ring_size} hash {hash}"),
+                encap,
+            } => {
+                write!(f, "~ vip {vip} ring_size {ring_size} hash {hash}")?;
+                match encap {
+                    Some(e) => write!(f, " encap {e}"),
+                    None => Ok(()),
+                }
+            }
             Change::VipDel { vip } => write!(f, "- vip {vip}"),
             Change::BackendAdd {
                 vip,
@@ -272,11 +297,12 @@ pub fn diff(from: &DesiredState, to: &DesiredState) -> Vec<Change> {
                 check: new.check.clone(),
             });
         }
-        if (old.ring_size, old.hash) != (new.ring_size, new.hash) {
+        if (old.ring_size, old.hash, old.encap) != (new.ring_size, new.hash, new.encap) {
             rest.push(Change::VipSet {
                 vip: *id,
                 ring_size: new.ring_size,
                 hash: new.hash,
+                encap: Some(new.encap),
             });
         }
         for b in &new.backends {
@@ -294,6 +320,7 @@ pub fn diff(from: &DesiredState, to: &DesiredState) -> Vec<Change> {
             vip: *id,
             ring_size: Some(new.ring_size),
             hash: Some(new.hash),
+            encap: Some(new.encap),
             check: new.check.clone(),
         });
         for b in &new.backends {
@@ -402,7 +429,7 @@ backends = [{ address = "10.1.0.9", weight = 0 }]
             [
                 "- backend 10.0.0.1:80/tcp 10.1.0.1",
                 "- vip 10.0.0.2:53/udp",
-                "~ vip 10.0.0.1:80/tcp ring_size 251 hash 5tuple",
+                "~ vip 10.0.0.1:80/tcp ring_size 251 hash 5tuple encap ipip",
                 "+ backend 10.0.0.1:80/tcp 10.1.0.4 weight 100",
                 "~ backend 10.0.0.1:80/tcp 10.1.0.4 drain",
                 "~ backend 10.0.0.1:80/tcp 10.1.0.2 weight 7",
@@ -412,6 +439,55 @@ backends = [{ address = "10.1.0.9", weight = 0 }]
                 "+ backend 10.0.0.3:443/tcp 10.1.0.9 weight 0",
             ]
         );
+    }
+
+    /// An encapsulation change is a VIP change of its own (backends untouched), and a VIP
+    /// added with GUE says so; IPv6 VIPs and mixed families diff like any other.
+    #[test]
+    fn encap_changes_diff_and_apply() {
+        let ipip = state(
+            "[[vip]]\naddress = \"[2001:db8::1]:443/tcp\"\nbackends = [{ address = \"10.1.0.1\" }]",
+        );
+        let gue = state(
+            "[[vip]]\naddress = \"[2001:db8::1]:443/tcp\"\nencap = \"gue\"\nbackends = [{ address = \"10.1.0.1\" }]",
+        );
+        let changes = diff(&ipip, &gue);
+        let lines: Vec<String> = changes.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            ["~ vip [2001:db8::1]:443/tcp ring_size 65537 hash 5tuple encap gue"]
+        );
+        assert_eq!(apply_all(&ipip, &changes).unwrap(), gue);
+        assert_eq!(apply_all(&gue, &diff(&gue, &ipip)).unwrap(), ipip);
+        let lines: Vec<String> = diff(&DesiredState::default(), &gue)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            lines[0],
+            "+ vip [2001:db8::1]:443/tcp ring_size 65537 hash 5tuple encap gue"
+        );
+        // A vip_set without encap keeps it.
+        let vip: VipId = "[2001:db8::1]:443/tcp".parse().unwrap();
+        let keep: Change = serde_json::from_str(
+            r#"{"op":"vip_set","vip":"[2001:db8::1]:443/tcp","ring_size":251,"hash":"5tuple"}"#,
+        )
+        .unwrap();
+        let kept = apply_all(&gue, &[keep]).unwrap();
+        assert_eq!(kept.vip(&vip).unwrap().encap, Encap::Gue);
+        assert_eq!(kept.vip(&vip).unwrap().ring_size, 251);
+        let add: Change =
+            serde_json::from_str(r#"{"op":"vip_add","vip":"[2001:db8::2]:80/udp","encap":"gue"}"#)
+                .unwrap();
+        let added = apply_all(&DesiredState::default(), &[add]).unwrap();
+        let v2: VipId = "[2001:db8::2]:80/udp".parse().unwrap();
+        assert_eq!(added.vip(&v2).unwrap().encap, Encap::Gue);
+        let e = serde_json::from_str::<Change>(
+            r#"{"op":"vip_add","vip":"10.0.0.1:80/udp","encap":"vxlan"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown variant `vxlan`"), "{e}");
     }
 
     #[test]

@@ -10,12 +10,16 @@
 
 use std::{
     fmt, io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     str::FromStr,
 };
 
-use lb_common::GlobalConfig;
+use lb_common::{
+    GlobalConfig,
+    config::{CFG_F_ECHO_REPLY, CFG_F_TOO_BIG_REPLY},
+    keys::wire_addr,
+};
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 use thiserror::Error;
 
@@ -35,6 +39,21 @@ pub struct Settings {
     /// Outer IPv4 source of encapsulated packets: `prefix | (entropy & host bits)`.
     #[serde(rename = "encap_source_prefix", default = "default_encap_source")]
     pub encap_source: Ipv4Prefix,
+    /// Outer IPv6 source toward IPv6 backends: `prefix | (entropy & host bits)`; the prefix
+    /// is at least /96, so the host bits lie in the last 32.
+    #[serde(rename = "encap_source_prefix_v6", default = "default_encap_source_v6")]
+    pub encap_source_v6: Ipv6Prefix,
+    /// UDP destination port of GUE-encapsulated packets (VIPs with `encap = "gue"`).
+    #[serde(default = "default_gue_port")]
+    pub gue_port: u16,
+    /// Answer ICMP/ICMPv6 echo requests to VIP addresses (`CFG_F_ECHO_REPLY`).
+    #[serde(default = "yes")]
+    pub icmp_echo_reply: bool,
+    /// Answer a client packet too big for the egress MTU once encapsulated with ICMP
+    /// fragmentation-needed / ICMPv6 packet-too-big (`CFG_F_TOO_BIG_REPLY`); dropped as
+    /// `too_big` otherwise.
+    #[serde(default = "yes")]
+    pub icmp_too_big_reply: bool,
     /// Most VIPs lbd accepts (`1..=MAX_VIPS`).
     #[serde(default = "default_max_vips")]
     pub max_vips: u32,
@@ -63,6 +82,33 @@ fn default_encap_source() -> Ipv4Prefix {
     DEFAULT_ENCAP_SOURCE
 }
 
+/// `fd00:4c42::/96` ("LB" in a ULA): 32 bits of per-flow entropy, in a unique-local range no
+/// backend routes back.
+pub const DEFAULT_ENCAP_SOURCE_V6: Ipv6Prefix = Ipv6Prefix {
+    addr: Ipv6Addr::new(0xfd00, 0x4c42, 0, 0, 0, 0, 0, 0),
+    len: 96,
+};
+
+/// Shortest IPv6 encapsulation source prefix: the data plane puts the flow's entropy into the
+/// address's last 32 bits only.
+pub const MIN_ENCAP_SOURCE_V6_LEN: u8 = 96;
+
+/// The GUE port: what Linux's fou examples and Katran use, so a backend's
+/// `ip fou add port 6080 ...` pairs with it.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+
+fn default_encap_source_v6() -> Ipv6Prefix {
+    DEFAULT_ENCAP_SOURCE_V6
+}
+
+fn default_gue_port() -> u16 {
+    DEFAULT_GUE_PORT
+}
+
+fn yes() -> bool {
+    true
+}
+
 fn default_max_vips() -> u32 {
     Limits::HARD.max_vips
 }
@@ -75,6 +121,10 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             encap_source: DEFAULT_ENCAP_SOURCE,
+            encap_source_v6: DEFAULT_ENCAP_SOURCE_V6,
+            gue_port: DEFAULT_GUE_PORT,
+            icmp_echo_reply: true,
+            icmp_too_big_reply: true,
             max_vips: Limits::HARD.max_vips,
             max_backends: Limits::HARD.max_backends,
             max_backends_per_vip: Limits::HARD.max_backends_per_vip,
@@ -93,8 +143,24 @@ impl Settings {
         }
     }
 
-    /// Refuses a limit of 0 or above what the data plane has room for.
+    /// Refuses a limit of 0 or above what the data plane has room for, an IPv6 source prefix
+    /// shorter than /96 and GUE port 0.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.encap_source_v6.len < MIN_ENCAP_SOURCE_V6_LEN {
+            return Err(ConfigError::Setting {
+                key: "encap_source_prefix_v6",
+                value: self.encap_source_v6.to_string(),
+                reason: "is too short: the prefix length must be 96..=128 (the per-flow \
+                         entropy goes into the last 32 bits)",
+            });
+        }
+        if self.gue_port == 0 {
+            return Err(ConfigError::Setting {
+                key: "gue_port",
+                value: "0".into(),
+                reason: "is not a valid UDP destination port (1..=65535)",
+            });
+        }
         let hard = Limits::HARD;
         for (key, value, max) in [
             ("max_vips", self.max_vips, hard.max_vips),
@@ -122,10 +188,24 @@ impl Settings {
 
     /// The data plane's `LB_CONFIG` value for these settings.
     pub fn global_config(&self) -> GlobalConfig {
+        let mut flags = 0;
+        if self.icmp_echo_reply {
+            flags |= CFG_F_ECHO_REPLY;
+        }
+        if self.icmp_too_big_reply {
+            flags |= CFG_F_TOO_BIG_REPLY;
+        }
+        let (encap_src_v6, _) = wire_addr(IpAddr::V6(self.encap_source_v6.addr));
+        // The prefix is at least /96 (validated), so the host bits are the last word's; a
+        // shorter one, were it let through, keeps only the last 32 of them.
+        let mask_v6 = (self.encap_source_v6.host_mask() & u128::from(u32::MAX)) as u32;
         GlobalConfig {
             // Wire order: the bytes as they go on the wire, read as a native u32.
             encap_src_v4: u32::from_ne_bytes(self.encap_source.addr.octets()),
             encap_src_v4_mask: u32::from_ne_bytes(self.encap_source.host_mask().to_be_bytes()),
+            flags,
+            encap_src_v6,
+            encap_src_v6_mask: u32::from_ne_bytes(mask_v6.to_be_bytes()),
             ..GlobalConfig::default()
         }
     }
@@ -196,6 +276,71 @@ impl<'de> Deserialize<'de> for Ipv4Prefix {
     }
 }
 
+/// An IPv6 prefix with its host bits zero, written `fd00:4c42::/96`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ipv6Prefix {
+    addr: Ipv6Addr,
+    len: u8,
+}
+
+impl Ipv6Prefix {
+    /// `None` when `len > 128` or `addr` has bits set beyond the prefix.
+    pub fn new(addr: Ipv6Addr, len: u8) -> Option<Self> {
+        let prefix = Self { addr, len };
+        (len <= 128 && u128::from(addr) & prefix.host_mask() == 0).then_some(prefix)
+    }
+
+    pub fn addr(&self) -> Ipv6Addr {
+        self.addr
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+
+    /// The host bits, in host byte order.
+    pub fn host_mask(&self) -> u128 {
+        u128::MAX.checked_shr(u32::from(self.len)).unwrap_or(0)
+    }
+}
+
+impl fmt::Display for Ipv6Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Ipv6Prefix {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let bad = |reason| ParseError::new("IPv6 prefix", s, reason);
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| bad("expected \"address/length\", e.g. \"fd00:4c42::/96\""))?;
+        let addr: Ipv6Addr = addr.parse().map_err(|_| bad("bad IPv6 address"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|&l| l <= 128)
+            .ok_or_else(|| bad("the length must be 0..=128"))?;
+        Self::new(addr, len).ok_or_else(|| bad("the address has bits set beyond the prefix"))
+    }
+}
+
+impl Serialize for Ipv6Prefix {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Ipv6Prefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
 /// The file as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -236,6 +381,13 @@ pub enum ConfigError {
     /// Well-formed but refused by the model's validation; the message names the field.
     #[error("{0}")]
     Invalid(#[source] ModelError),
+    /// A `[settings]` value the data plane cannot use.
+    #[error("settings.{key}: {value} {reason}")]
+    Setting {
+        key: &'static str,
+        value: String,
+        reason: &'static str,
+    },
     /// A `[settings]` limit outside what the data plane can hold.
     #[error("settings.{key}: {value} is out of range 1..={max} (the data plane's maximum)")]
     Limit {
@@ -383,7 +535,7 @@ mod tests {
         let text = config.to_toml();
         assert_eq!(parse_config(&text).unwrap(), config, "{text}");
         assert!(
-            text.contains("\n[[vip]]\naddress = \"10.200.0.100:80/tcp\"\nring_size = 65537\nhash = \"5tuple\"\nbackends = [\n  { address = \"10.10.0.11\", weight = 100 },\n"),
+            text.contains("\n[[vip]]\naddress = \"10.200.0.100:80/tcp\"\nring_size = 65537\nhash = \"5tuple\"\nencap = \"ipip\"\nbackends = [\n  { address = \"10.10.0.11\", weight = 100 },\n"),
             "{text}"
         );
         let empty = parse_config("[[vip]]\naddress = \"10.0.0.1:80/tcp\"").unwrap();
@@ -406,6 +558,107 @@ mod tests {
         assert_eq!(parse_config(&limited.to_toml()).unwrap(), limited);
         assert_eq!(Settings::default().limits(), Limits::HARD);
         assert_eq!(other.settings.global_config().encap_src_v4_mask, 0);
+    }
+
+    /// The IPv6 source prefix, the GUE port and the ICMP switches: defaults, what the data
+    /// plane gets, and round trips.
+    #[test]
+    fn issue9_settings_reach_the_global_config() {
+        let d = Settings::default();
+        assert_eq!(d.gue_port, DEFAULT_GUE_PORT);
+        assert_eq!(DEFAULT_GUE_PORT, 6080);
+        assert_eq!(d.encap_source_v6.to_string(), "fd00:4c42::/96");
+        assert!(d.icmp_echo_reply && d.icmp_too_big_reply);
+        let cfg = d.global_config();
+        assert_eq!(cfg.flags, CFG_F_ECHO_REPLY | CFG_F_TOO_BIG_REPLY);
+        let bytes: Vec<u8> = cfg
+            .encap_src_v6
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        assert_eq!(
+            bytes,
+            [0xfd, 0, 0x4c, 0x42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(cfg.encap_src_v6_mask.to_ne_bytes(), [0xff; 4]);
+
+        let text = "[settings]\nencap_source_prefix_v6 = \"2001:db8:ff::ab:0/112\"\n\
+                    gue_port = 5555\nicmp_echo_reply = false\nicmp_too_big_reply = false\n";
+        let set = parse_config(text).unwrap();
+        assert_eq!(set.settings.gue_port, 5555);
+        let cfg = set.settings.global_config();
+        assert_eq!(cfg.flags, 0);
+        assert_eq!(cfg.encap_src_v6[3].to_ne_bytes(), [0, 0xab, 0, 0]);
+        assert_eq!(cfg.encap_src_v6[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(cfg.encap_src_v6_mask.to_ne_bytes(), [0, 0, 0xff, 0xff]);
+        // The v4 fields are untouched by the v6 ones.
+        assert_eq!(cfg.encap_src_v4.to_ne_bytes(), [172, 16, 0, 0]);
+        assert_eq!(parse_config(&set.to_toml()).unwrap(), set);
+        let one = parse_config("[settings]\nicmp_too_big_reply = false").unwrap();
+        assert_eq!(one.settings.global_config().flags, CFG_F_ECHO_REPLY);
+        let fixed = parse_config("[settings]\nencap_source_prefix_v6 = \"fd00::7/128\"").unwrap();
+        assert_eq!(fixed.settings.global_config().encap_src_v6_mask, 0);
+        // A refused setting leaves nothing half-applied: the whole file is refused.
+        assert!(matches!(
+            parse_config("[settings]\ngue_port = 0\nmax_vips = 3"),
+            Err(ConfigError::Setting {
+                key: "gue_port",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn ipv6_prefixes() {
+        for (s, mask) in [
+            ("fd00:4c42::/96", u128::from(u32::MAX)),
+            ("::/0", u128::MAX),
+            ("2001:db8::1/128", 0),
+        ] {
+            let p: Ipv6Prefix = s.parse().unwrap();
+            assert_eq!(p.to_string(), s);
+            assert_eq!(p.host_mask(), mask);
+        }
+        for (s, why) in [
+            ("fd00::1/96", "bits set beyond the prefix"),
+            ("fd00::/129", "the length must be 0..=128"),
+            ("fd00::", "expected \"address/length\""),
+            ("10.0.0.0/8", "bad IPv6 address"),
+        ] {
+            let e = s.parse::<Ipv6Prefix>().unwrap_err().to_string();
+            assert!(e.contains(why), "{s}: {e}");
+        }
+    }
+
+    /// IPv6 VIPs, mixed families and GUE in a file, and back out of an export.
+    #[test]
+    fn ipv6_vips_and_encap_in_the_file() {
+        let text = r#"
+[[vip]]
+address = "[2001:db8::1]:443/tcp"
+encap = "gue"
+backends = [{ address = "10.1.0.1" }, { address = "2001:db8:1::1" }]
+[[vip]]
+address = "10.0.0.1:80/tcp"
+backends = [{ address = "2001:db8:1::2" }]
+"#;
+        let config = parse_config(text).unwrap();
+        let v6: VipId = "[2001:db8::1]:443/tcp".parse().unwrap();
+        let v4: VipId = "10.0.0.1:80/tcp".parse().unwrap();
+        assert_eq!(
+            config.state.vip(&v6).unwrap().encap,
+            crate::model::Encap::Gue
+        );
+        assert_eq!(
+            config.state.vip(&v4).unwrap().encap,
+            crate::model::Encap::Ipip
+        );
+        let out = config.to_toml();
+        assert!(out.contains("address = \"[2001:db8::1]:443/tcp\""), "{out}");
+        assert!(out.contains("encap = \"gue\""), "{out}");
+        assert_eq!(parse_config(&out).unwrap(), config);
+        let saved = state_to_toml(&config.state);
+        assert_eq!(parse_state(&saved).unwrap(), config.state);
     }
 
     #[test]
@@ -548,8 +801,12 @@ backends = [
                 "vip[0].backends[1].address: backend 10.1.0.1 is a duplicate of vip[0].backends[0]",
             ),
             (
-                vip("backends = [{ address = \"2001:db8::1\" }]"),
-                "vip[0].backends[0].address: 2001:db8::1 is IPv6 but the VIP 10.0.0.1 is IPv4",
+                vip("encap = \"vxlan\""),
+                "unknown variant `vxlan`, expected `ipip` or `gue`",
+            ),
+            (
+                vip("backends = [{ address = \"ff02::1\" }]"),
+                "vip[0].backends[0].address: ff02::1 is a multicast address",
             ),
             (
                 vip("backends = [{ address = \"224.0.0.5\" }]"),
@@ -564,8 +821,38 @@ backends = [
                 "vip[0].address: 0.0.0.0 is the unspecified address",
             ),
             (
-                "[[vip]]\naddress = \"[2001:db8::1]:80/tcp\"".into(),
-                "vip[0].address: \"[2001:db8::1]:80/tcp\": IPv6 VIPs are not supported yet",
+                "[[vip]]\naddress = \"[2001:db8::1]:0/tcp\"".into(),
+                "vip[0].address: port 0 is not a valid VIP port",
+            ),
+            (
+                "[[vip]]\naddress = \"2001:db8::1:80/tcp\"".into(),
+                "\"2001:db8::1:80/tcp\" is not a valid VIP",
+            ),
+            // The new settings: the key, the value and why.
+            (
+                "[settings]\nencap_source_prefix_v6 = \"fd00::/64\"".into(),
+                "settings.encap_source_prefix_v6: fd00::/64 is too short: the prefix length must \
+                 be 96..=128",
+            ),
+            (
+                "[settings]\nencap_source_prefix_v6 = \"fd00::1/96\"".into(),
+                "bits set beyond the prefix",
+            ),
+            (
+                "[settings]\nencap_source_prefix_v6 = \"172.16.0.0/16\"".into(),
+                "bad IPv6 address",
+            ),
+            (
+                "[settings]\ngue_port = 0".into(),
+                "settings.gue_port: 0 is not a valid UDP destination port",
+            ),
+            (
+                "[settings]\ngue_port = 65536".into(),
+                "invalid value: integer `65536`, expected u16",
+            ),
+            (
+                "[settings]\nicmp_echo_reply = \"yes\"".into(),
+                "invalid type: string \"yes\", expected a boolean",
             ),
             (
                 format!("{}{}", vip(""), vip("")),

@@ -20,8 +20,8 @@ use crate::{
     change::{Change, apply_all, diff},
     config::Settings,
     dataplane::DataPlane,
-    model::{BackendSpec, DesiredState, VipId},
-    reconcile::{BackendPlan, Egress, ReconcileError, Reconciler, VipPlan},
+    model::{BackendSpec, DesiredState, Encap, VipId},
+    reconcile::{BackendPlan, Egress, ReconcileError, Reconciler, Tunnel, VipPlan},
     store::StateStore,
 };
 
@@ -42,9 +42,11 @@ pub struct Planned {
     pub all_down: BTreeSet<VipId>,
 }
 
-/// Turns the desired state plus what is known of next hops and health into reconcile's input.
+/// Turns the desired state plus what is known of next hops and health into reconcile's input;
+/// GUE VIPs tunnel to `gue_port` (`[settings]`).
 pub fn plans(
     state: &DesiredState,
+    gue_port: u16,
     egress: &BTreeMap<IpAddr, Egress>,
     health: &HealthView,
 ) -> Planned {
@@ -70,6 +72,10 @@ pub fn plans(
                 key: vip.id.key(),
                 flags: vip.hash.vip_flags(),
                 ring_size: vip.ring_size,
+                tunnel: match vip.encap {
+                    Encap::Ipip => Tunnel::Ipip,
+                    Encap::Gue => Tunnel::Gue { port: gue_port },
+                },
                 backends: vip
                     .backends
                     .iter()
@@ -201,7 +207,12 @@ impl<D: DataPlane> Control<D> {
 
     /// Brings the data plane to the current state, next hops and health.
     pub fn reconcile(&mut self) -> Result<(), ReconcileError> {
-        let planned = plans(&self.state, &self.egress, &self.health);
+        let planned = plans(
+            &self.state,
+            self.settings.gue_port,
+            &self.egress,
+            &self.health,
+        );
         for vip in planned.all_down.difference(&self.all_down) {
             tracing::error!(vip = %vip, cause = "every backend fails its health checks", "VIP all down: keeping the last table");
         }
@@ -295,7 +306,15 @@ impl<D: DataPlane> Control<D> {
             .check_change(&self.state, &pending.state)
             .map_err(ApiError::from)?;
         self.reconciler
-            .check(&plans(&pending.state, &self.egress, &self.health).plans)
+            .check(
+                &plans(
+                    &pending.state,
+                    self.settings.gue_port,
+                    &self.egress,
+                    &self.health,
+                )
+                .plans,
+            )
             .map_err(ApiError::from)?;
         if pending.dry_run || pending.changes.is_empty() {
             return Ok(ChangeReply {
@@ -402,6 +421,7 @@ impl<D: DataPlane> Control<D> {
                     vip: spec.id,
                     ring_size: spec.ring_size,
                     hash: spec.hash,
+                    encap: spec.encap,
                     all_down: self.all_down.contains(&spec.id),
                     backends,
                 }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use lb_common::{
-    keys::{PROTO_TCP, PROTO_UDP, VIP_F_HASH_SRC_ONLY, VipKey},
+    keys::{ENCAP_GUE, ENCAP_IPIP, PROTO_TCP, PROTO_UDP, VIP_F_HASH_SRC_ONLY, VipKey},
     maps::{MAX_BACKENDS, MAX_VIPS},
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
@@ -121,6 +121,55 @@ impl FromStr for HashMode {
                 "hash mode",
                 s,
                 "expected \"5tuple\" or \"src-ip\"",
+            )),
+        }
+    }
+}
+
+/// How a VIP's packets travel to its backends. The outer header takes the backend's address
+/// family, whatever the VIP's, so IPv4 and IPv6 VIPs and backends mix freely.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encap {
+    /// IP in IP (protocol 4 or 41): the kernel's ipip/ip6tnl devices or `lb_decap` strip it.
+    #[default]
+    Ipip,
+    /// GUE variant 1: the client's packet in UDP to `[settings]` `gue_port`, whose source port
+    /// carries per-flow entropy for ECMP and receive-side scaling; fou devices or `lb_decap`
+    /// strip it.
+    Gue,
+}
+
+impl Encap {
+    /// `BackendSlot::encap`.
+    pub fn slot_kind(self) -> u8 {
+        match self {
+            Encap::Ipip => ENCAP_IPIP,
+            Encap::Gue => ENCAP_GUE,
+        }
+    }
+}
+
+impl fmt::Display for Encap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Encap::Ipip => "ipip",
+            Encap::Gue => "gue",
+        })
+    }
+}
+
+impl FromStr for Encap {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        match s {
+            "ipip" => Ok(Encap::Ipip),
+            "gue" => Ok(Encap::Gue),
+            _ => Err(ParseError::new(
+                "encapsulation",
+                s,
+                "expected \"ipip\" or \"gue\"",
             )),
         }
     }
@@ -264,6 +313,9 @@ pub struct VipSpec {
     pub ring_size: u32,
     #[serde(default)]
     pub hash: HashMode,
+    /// Tunnel to the backends; IPIP when absent.
+    #[serde(default)]
+    pub encap: Encap,
     /// Health check of its backends (each may have its own); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckSpec>,
@@ -279,6 +331,7 @@ impl VipSpec {
             id,
             ring_size: DEFAULT_RING_SIZE,
             hash: HashMode::default(),
+            encap: Encap::default(),
             check: None,
             backends: Vec::new(),
         }
@@ -515,17 +568,21 @@ impl DesiredState {
         Ok(())
     }
 
-    /// Changes a VIP's table size and hash mode, keeping its backends; returns the old spec.
+    /// Changes a VIP's table size, hash mode and (when given) encapsulation, keeping its
+    /// backends; returns the old spec.
     pub fn set_vip_options(
         &mut self,
         vip: &VipId,
         ring_size: u32,
         hash: HashMode,
+        encap: Option<Encap>,
     ) -> Result<VipSpec, ModelError> {
+        let old = self.existing(vip)?;
         let spec = VipSpec {
             ring_size,
             hash,
-            ..self.existing(vip)?.clone()
+            encap: encap.unwrap_or(old.encap),
+            ..old.clone()
         };
         self.replace_vip(spec)
     }
@@ -682,10 +739,6 @@ fn bad_address(addr: IpAddr) -> Option<BadAddress> {
     }
 }
 
-fn family(addr: IpAddr) -> u8 {
-    if addr.is_ipv4() { 4 } else { 6 }
-}
-
 fn check_weight(weight: u32, path: impl FnOnce() -> String) -> Result<(), ModelError> {
     if weight > MAX_WEIGHT {
         return Err(ModelError::WeightOutOfRange { at: path(), weight });
@@ -713,10 +766,6 @@ fn check_vip(vip: &VipSpec, at: &Where) -> Result<(), ModelError> {
             addr: id.addr,
             why,
         });
-    }
-    // The data plane parses and encapsulates IPv4 only so far.
-    if id.addr.is_ipv6() {
-        return Err(ModelError::Ipv6Unsupported { at: path, id });
     }
     if id.port == 0 {
         return Err(ModelError::PortZero { at: path });
@@ -749,15 +798,7 @@ fn check_vip(vip: &VipSpec, at: &Where) -> Result<(), ModelError> {
                 why,
             });
         }
-        if b.addr.is_ipv4() != id.addr.is_ipv4() {
-            return Err(ModelError::FamilyMismatch {
-                at: bpath(),
-                addr: b.addr,
-                vip: id.addr,
-                family: family(b.addr),
-                vip_family: family(id.addr),
-            });
-        }
+        // Any family mix: the outer header takes the backend's family, whatever the VIP's.
         check_weight(b.weight, bpath)?;
         check_check(b.check.as_ref(), bpath)?;
         if let Some(first) = vip.backends[..i].iter().position(|o| o.addr == b.addr) {
@@ -780,8 +821,6 @@ pub enum ModelError {
         addr: IpAddr,
         why: BadAddress,
     },
-    #[error("{at}.address: \"{id}\": IPv6 VIPs are not supported yet")]
-    Ipv6Unsupported { at: String, id: VipId },
     #[error("{at}.address: port 0 is not a valid VIP port")]
     PortZero { at: String },
     #[error("{at}.ring_size: {size} is out of range {MIN_RING_SIZE}..={MAX_RING_SIZE}")]
@@ -799,17 +838,6 @@ pub enum ModelError {
         at: String,
         addr: IpAddr,
         why: BadAddress,
-    },
-    #[error(
-        "{at}.address: {addr} is IPv{family} but the VIP {vip} is IPv{vip_family}; backends \
-         must have the VIP's address family"
-    )]
-    FamilyMismatch {
-        at: String,
-        addr: IpAddr,
-        vip: IpAddr,
-        family: u8,
-        vip_family: u8,
     },
     #[error("{at}.weight: {weight} is out of range 0..={MAX_WEIGHT}")]
     WeightOutOfRange { at: String, weight: u32 },
@@ -984,8 +1012,12 @@ mod tests {
                 "vip[0].address: 255.255.255.255 is the broadcast address",
             ),
             (
-                vip("[2001:db8::1]:80/tcp", &[]),
-                "vip[0].address: \"[2001:db8::1]:80/tcp\": IPv6 VIPs are not supported yet",
+                vip("[ff02::1]:80/tcp", &[]),
+                "vip[0].address: ff02::1 is a multicast address and cannot be a VIP",
+            ),
+            (
+                vip("[2001:db8::1]:0/udp", &[]),
+                "vip[0].address: port 0 is not a valid VIP port",
             ),
             (
                 vip("10.0.0.1:0/tcp", &[]),
@@ -1048,8 +1080,15 @@ mod tests {
                 "vip[0].backends[0].address: 255.255.255.255 is the broadcast address",
             ),
             (
-                vip("10.0.0.1:80/tcp", &[("2001:db8::2", 1)]),
-                "vip[0].backends[0].address: 2001:db8::2 is IPv6 but the VIP 10.0.0.1 is IPv4",
+                vip("[2001:db8::1]:80/tcp", &[("::", 1)]),
+                "vip[0].backends[0].address: :: is the unspecified address and cannot be a backend",
+            ),
+            (
+                vip(
+                    "[2001:db8::1]:80/tcp",
+                    &[("2001:db8::2", 1), ("2001:db8::2", 1)],
+                ),
+                "vip[0].backends[1].address: backend 2001:db8::2 is a duplicate of vip[0].backends[0]",
             ),
             (
                 vip(
@@ -1273,8 +1312,8 @@ mod tests {
                 "vip[\"10.0.0.1:80/tcp\"].backends[\"10.1.0.3\"].weight: 65536 is out of range",
             ),
             (
-                state.add_backend(&a, BackendSpec::new(ip("2001:db8::1"), 1)),
-                "vip[\"10.0.0.1:80/tcp\"].backends[\"2001:db8::1\"].address: 2001:db8::1 is IPv6",
+                state.add_backend(&a, BackendSpec::new(ip("ff02::1"), 1)),
+                "vip[\"10.0.0.1:80/tcp\"].backends[\"ff02::1\"].address: ff02::1 is a multicast",
             ),
             (
                 state.add_backend(&id("10.0.0.9:80/tcp"), BackendSpec::new(b1, 1)),
@@ -1327,6 +1366,86 @@ mod tests {
         assert!(state.vip(&a).unwrap().backends.is_empty());
         assert_eq!(state.del_vip(&a).map(|v| v.id), Ok(a));
         assert_eq!(state, DesiredState::default());
+    }
+
+    /// IPv6 VIPs are served, and a VIP's backends may be of either family (the outer header
+    /// takes the backend's): IPv4 VIPs on IPv6 backends too.
+    #[test]
+    fn ipv6_and_mixed_families_are_accepted() {
+        let mixed = [
+            vip(
+                "[2001:db8::1]:443/tcp",
+                &[("2001:db8:1::1", 1), ("10.1.0.1", 1)],
+            ),
+            vip(
+                "10.0.0.1:80/tcp",
+                &[("2001:db8:1::2", 1), ("2001:db8:1::3", 1)],
+            ),
+            vip("[2001:db8::1]:53/udp", &[("10.1.0.2", 1)]),
+        ];
+        let state = DesiredState::from_vips(mixed.to_vec()).unwrap();
+        state.validate().unwrap();
+        assert_eq!(state.backend_count(), 5);
+        let v6 = id("[2001:db8::1]:443/tcp");
+        assert_eq!(
+            state.vip(&v6).unwrap().id.key(),
+            VipKey::new(ip("2001:db8::1"), 443, PROTO_TCP)
+        );
+        assert_eq!(v6.key().family, lb_common::keys::FAMILY_V6);
+        // By key too, as requests are checked, and through the file form.
+        let mut added = DesiredState::default();
+        added.add_vip(vip("[2001:db8::9]:80/tcp", &[])).unwrap();
+        added
+            .add_backend(
+                &id("[2001:db8::9]:80/tcp"),
+                BackendSpec::new(ip("10.1.0.9"), 1),
+            )
+            .unwrap();
+        let text = toml::to_string(&state).unwrap();
+        assert!(
+            text.contains("address = \"[2001:db8::1]:443/tcp\""),
+            "{text}"
+        );
+        assert_eq!(toml::from_str::<DesiredState>(&text).unwrap(), state);
+    }
+
+    #[test]
+    fn encap_defaults_to_ipip_and_round_trips() {
+        assert_eq!(VipSpec::new(id("10.0.0.1:80/tcp")).encap, Encap::Ipip);
+        for e in [Encap::Ipip, Encap::Gue] {
+            assert_eq!(e.to_string().parse::<Encap>(), Ok(e));
+        }
+        assert_eq!(Encap::Ipip.slot_kind(), ENCAP_IPIP);
+        assert_eq!(Encap::Gue.slot_kind(), ENCAP_GUE);
+        let e = "vxlan".parse::<Encap>().unwrap_err().to_string();
+        assert!(e.contains("\"ipip\" or \"gue\""), "{e}");
+        let spec: VipSpec =
+            toml::from_str("address = \"10.0.0.1:80/udp\"\nencap = \"gue\"").unwrap();
+        assert_eq!(spec.encap, Encap::Gue);
+        let text = toml::to_string(&spec).unwrap();
+        assert!(text.contains("encap = \"gue\""), "{text}");
+        let e = toml::from_str::<VipSpec>("address = \"10.0.0.1:80/udp\"\nencap = \"GUE\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `GUE`"), "{e}");
+
+        // Changing the options keeps the encapsulation unless one is given.
+        let a = id("10.0.0.1:80/tcp");
+        let mut state = DesiredState::from_vips(vec![VipSpec {
+            encap: Encap::Gue,
+            ..vip("10.0.0.1:80/tcp", &[("10.1.0.1", 1)])
+        }])
+        .unwrap();
+        state
+            .set_vip_options(&a, 251, HashMode::SrcIp, None)
+            .unwrap();
+        assert_eq!(state.vip(&a).unwrap().encap, Encap::Gue);
+        let old = state
+            .set_vip_options(&a, 251, HashMode::SrcIp, Some(Encap::Ipip))
+            .unwrap();
+        assert_eq!(old.encap, Encap::Gue);
+        assert_eq!(state.vip(&a).unwrap().encap, Encap::Ipip);
+        assert_eq!(state.vip(&a).unwrap().backends.len(), 1);
     }
 
     #[test]

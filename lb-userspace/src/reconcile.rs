@@ -15,8 +15,8 @@ use std::{
 use lb_common::{
     BackendSlot, VipKey, VipMeta,
     keys::{
-        ENCAP_IPIP, RING_EMPTY, SLOT_ACTIVE, SLOT_DOWN, SLOT_DRAINING, SLOT_FREE, SLOT_RETIRED,
-        ip_from_wire, wire_addr,
+        ENCAP_GUE, ENCAP_IPIP, RING_EMPTY, SLOT_ACTIVE, SLOT_DOWN, SLOT_DRAINING, SLOT_FREE,
+        SLOT_RETIRED, ip_from_wire, wire_addr,
     },
     maps::MAX_VIPS,
 };
@@ -48,6 +48,26 @@ pub struct BackendPlan {
     pub healthy: bool,
 }
 
+/// How a VIP's slots tunnel packets to the backends (`BackendSlot::encap`, `encap_port`). The
+/// outer family is each slot's own (its backend's address).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Tunnel {
+    #[default]
+    Ipip,
+    /// GUE to this UDP port (host order).
+    Gue { port: u16 },
+}
+
+impl Tunnel {
+    /// `BackendSlot::{encap, encap_port}`: the port in network order, zero for IPIP.
+    pub fn slot_fields(self) -> (u8, u16) {
+        match self {
+            Tunnel::Ipip => (ENCAP_IPIP, 0),
+            Tunnel::Gue { port } => (ENCAP_GUE, port.to_be()),
+        }
+    }
+}
+
 /// One VIP as reconcile needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipPlan {
@@ -55,6 +75,8 @@ pub struct VipPlan {
     /// `VIP_F_*` bits.
     pub flags: u32,
     pub ring_size: u32,
+    /// Changing it rewrites the VIP's slots in place (same generation: flows stay).
+    pub tunnel: Tunnel,
     pub backends: Vec<BackendPlan>,
 }
 
@@ -124,7 +146,7 @@ fn keys_not_in<K: Ord + Copy, V>(installed: &BTreeMap<K, V>, wanted: &BTreeSet<K
 }
 
 /// The slot value a backend plan asks for.
-fn slot_value(b: &BackendPlan, vip_id: u32, generation: u32) -> BackendSlot {
+fn slot_value(b: &BackendPlan, tunnel: Tunnel, vip_id: u32, generation: u32) -> BackendSlot {
     let state = match (b.egress, b.healthy, b.weight) {
         (None, _, _) | (_, false, _) => SLOT_DOWN,
         (Some(_), true, 0) => SLOT_DRAINING,
@@ -136,11 +158,13 @@ fn slot_value(b: &BackendPlan, vip_id: u32, generation: u32) -> BackendSlot {
         src_mac: [0; 6],
         dst_mac: [0; 6],
     });
+    let (encap, encap_port) = tunnel.slot_fields();
     BackendSlot {
         addr,
         family,
         state,
-        encap: ENCAP_IPIP,
+        encap,
+        encap_port,
         generation,
         vip_id,
         ifindex: egress.ifindex,
@@ -490,7 +514,7 @@ impl Reconciler {
                             },
                             |ib| (ib.slot, ib.value.generation),
                         );
-                    (b.addr, slot, slot_value(b, vip_id, generation))
+                    (b.addr, slot, slot_value(b, plan.tunnel, vip_id, generation))
                 })
                 .collect();
             let inputs = table_inputs(plan, &slots);

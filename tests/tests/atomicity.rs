@@ -24,7 +24,7 @@ use lb_tests::{
 };
 use lb_userspace::{
     dataplane::kernel::{KernelDataPlane, LoadOptions},
-    reconcile::{BackendPlan, Egress, Reconciler, VipPlan},
+    reconcile::{BackendPlan, Egress, Reconciler, Tunnel, VipPlan},
 };
 
 /// `BPF_PROG_TEST_RUN` without a context runs on the loopback device (ifindex 1): slots
@@ -55,6 +55,7 @@ fn plan(backends: &[Ipv4Addr], ring_size: u32) -> VipPlan {
     VipPlan {
         key: VipKey::new(IpAddr::V4(VIP), VIP_PORT, PROTO_TCP),
         flags: 0,
+        tunnel: Tunnel::Ipip,
         ring_size,
         backends: backends
             .iter()

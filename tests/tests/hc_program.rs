@@ -3,14 +3,14 @@
 //! and the mark out. Setup fills the balancer object's maps by hand; the check compares the
 //! output with what `lb_xdp` makes of the same packet. Needs root; skips otherwise.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
 use aya::programs::SchedClassifier;
 use lb_common::{
     BackendSlot,
     keys::{
-        FAMILY_V6, PROTO_TCP, PROTO_UDP, SLOT_ACTIVE, SLOT_DOWN, SLOT_DRAINING, SLOT_FREE,
-        SLOT_RETIRED,
+        ENCAP_GUE, FAMILY_V6, PROTO_TCP, PROTO_UDP, SLOT_ACTIVE, SLOT_DOWN, SLOT_DRAINING,
+        SLOT_FREE, SLOT_RETIRED, wire_addr,
     },
     maps::{self, HC_MARK_BASE, MAX_BACKENDS, hc_mark},
 };
@@ -160,18 +160,38 @@ fn probe_leaves_exactly_as_the_balancer_sends_client_packets() {
         return;
     }
     let mut hc = load();
-    hc.set_backend(SLOT, backend(SLOT, TEST_RUN_IFINDEX, SLOT_ACTIVE));
     route_vip_to(&mut hc, SLOT);
-    for port in [50_010, 50_011, 61_234] {
-        let frame = packet::tcp_frame(probe_src(port), vip_addr(), TCP_SYN, b"");
-        let balanced = hc.run(&frame);
-        assert_eq!(balanced.action, XDP_TX, "lb_xdp forwards the SYN");
-        let run = run_tc(&hc, &frame, hc_mark(SLOT));
-        assert_eq!(run.action, TC_ACT_OK);
-        assert_eq!(
-            run.frame, balanced.frame,
-            "port {port}: byte for byte what lb_xdp sends"
-        );
+    // Every outer shape: IPv4 or IPv6 toward the backend, IP in IP or GUE.
+    let v4 = backend(SLOT, TEST_RUN_IFINDEX, SLOT_ACTIVE);
+    let v6 = BackendSlot {
+        addr: wire_addr(IpAddr::V6(Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 11))).0,
+        family: FAMILY_V6,
+        ..v4
+    };
+    let gue = |slot: BackendSlot| BackendSlot {
+        encap: ENCAP_GUE,
+        encap_port: 6080u16.to_be(),
+        ..slot
+    };
+    let shapes = [
+        ("IPIP over IPv4", v4),
+        ("IPIP over IPv6", v6),
+        ("GUE over IPv4", gue(v4)),
+        ("GUE over IPv6", gue(v6)),
+    ];
+    for (shape, slot) in shapes {
+        hc.set_backend(SLOT, slot);
+        for port in [50_010, 50_011, 61_234] {
+            let frame = packet::tcp_frame(probe_src(port), vip_addr(), TCP_SYN, b"");
+            let balanced = hc.run(&frame);
+            assert_eq!(balanced.action, XDP_TX, "{shape}: lb_xdp forwards the SYN");
+            let run = run_tc(&hc, &frame, hc_mark(SLOT));
+            assert_eq!(run.action, TC_ACT_OK, "{shape}");
+            assert_eq!(
+                run.frame, balanced.frame,
+                "{shape}, port {port}: byte for byte what lb_xdp sends"
+            );
+        }
     }
 }
 
@@ -217,10 +237,17 @@ fn probe_that_cannot_take_the_tunnel_is_dropped() {
             backend(3, 0, SLOT_DOWN),
         ),
         (
-            "IPv6 backend (no IPv6 outer header yet)",
+            "unknown encapsulation kind",
             BackendSlot {
-                family: FAMILY_V6,
+                encap: 9,
                 ..backend(4, OTHER_IFINDEX, SLOT_ACTIVE)
+            },
+        ),
+        (
+            "unknown address family",
+            BackendSlot {
+                family: 0,
+                ..backend(5, OTHER_IFINDEX, SLOT_ACTIVE)
             },
         ),
     ];

@@ -36,7 +36,7 @@ use lb_userspace::{
         decap::attach_decap,
         kernel::{self, AttachMode, Attached, KernelDataPlane, LoadOptions},
     },
-    reconcile::{BackendPlan, Egress, Reconciler, VipPlan},
+    reconcile::{BackendPlan, Egress, Reconciler, Tunnel, VipPlan},
 };
 
 const PORT: u16 = 80;
@@ -214,6 +214,7 @@ fn plan(topo: &Topology) -> VipPlan {
     VipPlan {
         key: VipKey::new(IpAddr::V4(topo.vip), PORT, PROTO_TCP),
         flags: 0,
+        tunnel: Tunnel::Ipip,
         ring_size: RING_SIZE,
         backends: topo
             .backends

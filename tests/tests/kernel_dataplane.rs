@@ -327,3 +327,79 @@ fn upgrade_swaps_the_program_in_the_pinned_link_and_keeps_every_map() {
     assert!(!removed.exists(), "upgrade created no map");
     assert_eq!(link_program(&pins, "up0"), program_after);
 }
+
+/// Creates and pins an empty map of the given shape, as an older lbd would have left it.
+fn pin_old_map(pins: &PinDir, name: &str, kind: &str, key: u32, value: u32, entries: u32) {
+    fs::create_dir_all(pins.path().join("maps")).expect("maps folder");
+    let path = pins.map(name);
+    let status = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&path)
+        .args([
+            "type",
+            kind,
+            "key",
+            &key.to_string(),
+            "value",
+            &value.to_string(),
+        ])
+        .args(["entries", &entries.to_string(), "name", name])
+        .status()
+        .expect("bpftool runs (cargo xtask test installs it)");
+    assert!(status.success(), "bpftool map create {name}");
+}
+
+#[test]
+fn a_start_replaces_counter_and_config_maps_of_an_older_shape() {
+    if !is_root() {
+        return;
+    }
+    let pins = PinDir::new("oldshape");
+    // The shapes of the release before IPv6: a 16-byte config and 16 global counters.
+    pin_old_map(&pins, maps::CONFIG, "array", 4, 16, 1);
+    pin_old_map(&pins, maps::GLOBAL_STATS, "percpu_array", 4, 8, 16);
+    let old_config = MapInfo::from_pin(pins.map(maps::CONFIG)).expect("pin").id();
+
+    let dp = load(&pins, 1024, 3 * TABLE);
+    let config = MapInfo::from_pin(pins.map(maps::CONFIG)).expect("config pin");
+    assert_ne!(config.id(), old_config, "LB_CONFIG was created anew");
+    assert_eq!(config.value_size() as usize, size_of::<GlobalConfig>());
+    let stats = MapInfo::from_pin(pins.map(maps::GLOBAL_STATS)).expect("stats pin");
+    assert_eq!(stats.max_entries(), lb_common::stats::COUNTER_COUNT);
+    assert_eq!(dp.config().expect("config").flags, 0);
+}
+
+#[test]
+fn a_flow_table_of_another_shape_is_refused_by_name_and_kept() {
+    if !is_root() {
+        return;
+    }
+    let pins = PinDir::new("oldflows");
+    pin_old_map(&pins, maps::FLOWS, "lru_hash", 36, 16, 1024);
+    let flows = MapInfo::from_pin(pins.map(maps::FLOWS)).expect("pin").id();
+    let err = KernelDataPlane::load(&LoadOptions {
+        pin_dir: pins.path().to_path_buf(),
+        flow_table_size: 1024,
+        ring_pool_size: 3 * TABLE,
+    })
+    .err()
+    .expect("a flow table with 36-byte keys is refused")
+    .to_string();
+    assert!(
+        err.contains("LB_FLOWS has key size 36 but this data plane needs 40"),
+        "{err}"
+    );
+    let kept = MapInfo::from_pin(pins.map(maps::FLOWS)).expect("the pin stays");
+    assert_eq!(kept.id(), flows);
+
+    // `lbd upgrade` writes no map, so it refuses an old config shape too, and says what to do.
+    let pins = PinDir::new("oldupgrade");
+    pin_old_map(&pins, maps::CONFIG, "array", 4, 16, 1);
+    let err = kernel::upgrade(pins.path())
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("LB_CONFIG has value size 16") && err.contains("restart lbd instead"),
+        "{err}"
+    );
+}

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     change::Change,
     config::Settings,
-    model::{HashMode, VipId, VipSpec},
+    model::{Encap, HashMode, VipId, VipSpec},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lbd.sock";
@@ -83,6 +83,9 @@ pub struct VipStatus {
     pub vip: VipId,
     pub ring_size: u32,
     pub hash: HashMode,
+    /// Absent from an older lbd's reply: IPIP, all it had.
+    #[serde(default)]
+    pub encap: Encap,
     /// Every backend fails its health checks: the VIP keeps its last table.
     #[serde(default)]
     pub all_down: bool,
@@ -261,6 +264,16 @@ pub struct GlobalStats {
     /// TCP packets other than a SYN with no valid flow entry, re-hashed.
     pub flow_misses: u64,
     pub new_flows: u64,
+    /// ICMP and ICMPv6 errors quoting a VIP flow, forwarded to its backend (absent from an
+    /// older lbd's reply).
+    #[serde(default)]
+    pub icmp_forwarded: u64,
+    /// Echo replies sent for VIP addresses.
+    #[serde(default)]
+    pub echo_replies: u64,
+    /// Fragmentation-needed / packet-too-big replies sent to clients.
+    #[serde(default)]
+    pub too_big_replies: u64,
     /// Drops by reason (`lb_common::DropReason` names), every reason listed.
     pub drops: std::collections::BTreeMap<String, u64>,
 }

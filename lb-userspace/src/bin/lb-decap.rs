@@ -5,13 +5,16 @@ use std::net::IpAddr;
 
 use anyhow::Context as _;
 use clap::Parser;
-use lb_userspace::dataplane::{decap::attach_decap, kernel::AttachMode};
+use lb_userspace::{
+    config::DEFAULT_GUE_PORT,
+    dataplane::{decap::attach_decap_with, kernel::AttachMode},
+};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "lb-decap",
     version,
-    about = "Strip the load balancer's IPIP encapsulation on a backend"
+    about = "Strip the load balancer's IPIP and GUE encapsulation on a backend"
 )]
 struct Args {
     /// Interface that receives encapsulated packets (repeatable).
@@ -20,6 +23,9 @@ struct Args {
     /// A VIP address this backend serves (repeatable).
     #[arg(long = "vip", required = true)]
     vips: Vec<IpAddr>,
+    /// GUE packets to this UDP port are decapsulated too (the GUE port of lbd's settings); 0: IPIP only.
+    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_GUE_PORT)]
+    gue_port: u16,
     /// native, generic or auto.
     #[arg(long, default_value = "auto")]
     xdp_mode: AttachMode,
@@ -27,8 +33,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _handle =
-        attach_decap(&args.ifaces, args.xdp_mode, &args.vips).context("attaching lb_decap")?;
+    let gue_port = (args.gue_port != 0).then_some(args.gue_port);
+    let _handle = attach_decap_with(&args.ifaces, args.xdp_mode, &args.vips, gue_port)
+        .context("attaching lb_decap")?;
     eprintln!(
         "lb-decap: decapsulating for {:?} on {:?}",
         args.vips, args.ifaces

@@ -31,12 +31,13 @@ use lb_userspace::{
     change::Change,
     check::{CheckKind, CheckSpec, Span, StatusRange},
     config::{self, Config},
-    model::{DesiredState, HashMode, VipId},
+    model::{DesiredState, Encap, HashMode, VipId},
 };
 use serde::Serialize;
 
 const SOCKET_ENV: &str = "LBCTL_SOCKET";
-const VIP_HELP: &str = "The VIP: address:port/protocol, e.g. 10.0.0.1:80/tcp";
+const VIP_HELP: &str =
+    "The VIP: address:port/protocol, e.g. 10.0.0.1:80/tcp or '[2001:db8::1]:443/tcp'";
 const ADDR_HELP: &str = "The backend's address";
 /// How long past its own `--timeout` lbd may take to end a drain wait before lbctl gives up.
 const WAIT_SLACK: Duration = Duration::from_secs(30);
@@ -209,8 +210,26 @@ enum VipCommand {
         /// 5tuple or src-ip [default: 5tuple]
         #[arg(long, value_name = "MODE")]
         hash: Option<HashMode>,
+        /// Tunnel to the backends: ipip, or gue (UDP to the GUE port of lbd's settings) [default: ipip]
+        #[arg(long, value_name = "KIND")]
+        encap: Option<Encap>,
         #[command(flatten)]
         check: CheckArgs,
+    },
+    /// Change a VIP's encapsulation, table size or hash mode (unset options keep their value).
+    /// A new encapsulation rewrites the VIP's backend slots in place: flows keep their backends.
+    Set {
+        #[arg(help = VIP_HELP)]
+        vip: VipId,
+        /// Maglev table size, a prime
+        #[arg(long, value_name = "N")]
+        ring_size: Option<u32>,
+        /// 5tuple or src-ip
+        #[arg(long, value_name = "MODE")]
+        hash: Option<HashMode>,
+        /// ipip or gue
+        #[arg(long, value_name = "KIND")]
+        encap: Option<Encap>,
     },
     /// Set the default health check of the VIP's backends (or clear it).
     Check {
@@ -344,12 +363,40 @@ fn run(args: Args) -> anyhow::Result<()> {
     runtime.block_on(execute(&client, args.command, args.json))
 }
 
+/// `lbctl vip set`: a `vip_set` change naming the table size and hash mode, the running ones
+/// where not given.
+async fn vip_set(
+    client: &Client,
+    vip: VipId,
+    options: (Option<u32>, Option<HashMode>, Option<Encap>),
+    json: bool,
+) -> anyhow::Result<()> {
+    let (ring_size, hash, encap) = options;
+    if options == (None, None, None) {
+        bail!("nothing to set: give --encap, --ring-size or --hash");
+    }
+    let state = client.state().await?;
+    let current = state
+        .vip
+        .iter()
+        .find(|v| v.id == vip)
+        .ok_or_else(|| anyhow!("vip[\"{vip}\"]: no such VIP"))?;
+    let set = Change::VipSet {
+        vip,
+        ring_size: ring_size.unwrap_or(current.ring_size),
+        hash: hash.unwrap_or(current.hash),
+        encap,
+    };
+    change(client, set, json).await
+}
+
 async fn execute(client: &Client, command: Command, json: bool) -> anyhow::Result<()> {
     match command {
         Command::Vip(VipCommand::Add {
             vip,
             ring_size,
             hash,
+            encap,
             check,
         }) => {
             change(
@@ -358,12 +405,19 @@ async fn execute(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     vip,
                     ring_size,
                     hash,
+                    encap,
                     check: check.spec(),
                 },
                 json,
             )
             .await
         }
+        Command::Vip(VipCommand::Set {
+            vip,
+            ring_size,
+            hash,
+            encap,
+        }) => vip_set(client, vip, (ring_size, hash, encap), json).await,
         Command::Vip(VipCommand::Check { vip, check, clear }) => {
             let check = checked(check, clear)?;
             change(client, Change::VipCheck { vip, check }, json).await

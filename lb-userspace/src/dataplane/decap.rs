@@ -1,5 +1,5 @@
-//! Backend-side programs: `lb_decap` strips the outer IPIP header of packets for the VIPs this
-//! host serves, and `xdp_pass` is the trivial program veth peers need before native `XDP_TX` or
+//! Backend-side programs: `lb_decap` strips the outer IPIP (or GUE) header of packets for the
+//! VIPs this host serves, and `xdp_pass` is the trivial program veth peers need before native `XDP_TX` or
 //! redirects into them work. Both stay attached while their handle lives.
 
 use std::net::IpAddr;
@@ -8,6 +8,7 @@ use aya::{Ebpf, maps::HashMap, programs::Xdp};
 use lb_common::{VipKey, maps};
 
 use super::{DataPlaneError, kernel::AttachMode};
+use crate::config::DEFAULT_GUE_PORT;
 
 /// Programs attached from the decap object; dropping it detaches them.
 pub struct DecapHandle {
@@ -15,12 +16,30 @@ pub struct DecapHandle {
 }
 
 /// Attaches `lb_decap` to every interface in `ifaces` (in the calling thread's network
-/// namespace) and lets it decapsulate packets whose inner destination is one of `vips`.
+/// namespace) and lets it decapsulate packets whose inner destination is one of `vips`: IPIP,
+/// and GUE on the default port ([`DEFAULT_GUE_PORT`]).
 pub fn attach_decap(
     ifaces: &[String],
     mode: AttachMode,
     vips: &[IpAddr],
 ) -> Result<DecapHandle, DataPlaneError> {
+    attach_decap_with(ifaces, mode, vips, Some(DEFAULT_GUE_PORT))
+}
+
+/// `LB_DECAP_VIPS`' value for a VIP: the GUE port in network order in the low 16 bits of the
+/// native u32 (the program compares it with the UDP header's field as read), 0 for IPIP only.
+pub fn decap_value(gue_port: Option<u16>) -> u32 {
+    gue_port.map_or(0, |port| u32::from(port.to_be()))
+}
+
+/// [`attach_decap`] with the GUE port to accept (`None`: IPIP only).
+pub fn attach_decap_with(
+    ifaces: &[String],
+    mode: AttachMode,
+    vips: &[IpAddr],
+    gue_port: Option<u16>,
+) -> Result<DecapHandle, DataPlaneError> {
+    let value = decap_value(gue_port);
     let mut ebpf = load()?;
     {
         let map = ebpf
@@ -31,7 +50,7 @@ pub fn attach_decap(
         let mut set: HashMap<_, VipKey, u32> =
             HashMap::try_from(map).map_err(|e| DataPlaneError::map(maps::DECAP_VIPS, e))?;
         for vip in vips {
-            set.insert(VipKey::new(*vip, 0, 0), 1, 0)
+            set.insert(VipKey::new(*vip, 0, 0), value, 0)
                 .map_err(|e| DataPlaneError::map(maps::DECAP_VIPS, e))?;
         }
     }
@@ -78,4 +97,23 @@ fn attach_all(
             })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decap_value_is_the_port_as_the_wire_holds_it() {
+        assert_eq!(decap_value(None), 0);
+        let v = decap_value(Some(DEFAULT_GUE_PORT));
+        // The UDP header's destination port field, read as a native u16, widened.
+        assert_eq!(v, u32::from(u16::from_ne_bytes(6080u16.to_be_bytes())));
+        assert_eq!((v as u16).to_ne_bytes(), [0x17, 0xc0]);
+        assert_ne!(
+            decap_value(Some(1)),
+            0,
+            "any real port is told apart from IPIP only"
+        );
+    }
 }

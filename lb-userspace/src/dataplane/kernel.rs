@@ -10,6 +10,7 @@ mod counters;
 mod detach;
 mod hc;
 mod log;
+mod pins;
 mod upgrade;
 
 use std::{
@@ -270,6 +271,12 @@ impl KernelDataPlane {
             source,
         })?;
 
+        // Pins of an older shape: rebuilt maps are created anew, the rest must match.
+        pins::check(
+            &map_dir,
+            crate::lb_object(),
+            pins::OnMismatch::ReplaceRebuilt,
+        )?;
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::FLOWS, opts.flow_table_size)

@@ -21,6 +21,9 @@
 //! | `lb_drops_total{reason}`                        | counter | drops by `DropReason`                  |
 //! | `lb_flow_table_{hits,misses}_total`, `lb_new_flows_total` | counter | flow-table outcomes     |
 //! | `lb_flow_table_entries`, `lb_flow_table_capacity` | gauge | flow-table occupancy                   |
+//! | `lb_icmp_errors_forwarded_total`                | counter | ICMP errors quoting a VIP flow, sent to its backend |
+//! | `lb_icmp_echo_replies_total`                    | counter | echo replies sent for VIP addresses    |
+//! | `lb_icmp_too_big_replies_total`                 | counter | fragmentation-needed / packet-too-big replies sent |
 //! | `lb_flow_guard_limit`                          | gauge   | new-flow rate guard, per CPU per second |
 //! | `lb_flow_guard_unrecorded_total`               | counter | new flows the guard left unrecorded    |
 //!
@@ -263,6 +266,24 @@ fn global_families(f: &Families, stats: &Stats) {
         "lb_new_flows_total",
         "Flow-table entries created, every VIP.",
         g.new_flows,
+    );
+    f.counter(
+        "lb_icmp_errors_forwarded_total",
+        "ICMP and ICMPv6 errors (unreachable, time exceeded, packet too big) quoting a VIP flow, \
+         sent on to that flow's backend.",
+        g.icmp_forwarded,
+    );
+    f.counter(
+        "lb_icmp_echo_replies_total",
+        "ICMP and ICMPv6 echo replies the data plane sent for VIP addresses \
+         (settings.icmp_echo_reply).",
+        g.echo_replies,
+    );
+    f.counter(
+        "lb_icmp_too_big_replies_total",
+        "ICMP fragmentation-needed and ICMPv6 packet-too-big replies sent to clients whose \
+         packet would not fit the egress MTU once encapsulated (settings.icmp_too_big_reply).",
+        g.too_big_replies,
     );
     f.gauge(
         "lb_flow_table_entries",

@@ -14,7 +14,8 @@
 //!   `drain`, `state`, `health`, `since`, `last`, `flows`, `pps`, `bps`, `packets`, `bytes`,
 //!   `new-flows`, raw values in `data-value` (`health`: `up`, `down` or `unchecked`);
 //! - `tr.total[data-vip]` in each table's footer: the VIP's own counters;
-//! - `#actions tr[data-action]`, `#drops tr[data-reason]`, `#flow-table tr[data-counter]`;
+//! - `#actions tr[data-action]`, `#drops tr[data-reason]`, `#flow-table tr[data-counter]`,
+//!   `#icmp tr[data-counter]`;
 //! - `#rate-interval[data-value]`, `#live[data-refreshes]` (counts the script's refreshes),
 //!   `#stale` (hidden unless the last refresh failed).
 
@@ -433,6 +434,25 @@ fn global(h: &mut Html, stats: &Stats) {
                 units::count(g.new_flows as f64),
             ),
         ],
+    );
+    counter_table(
+        h,
+        "icmp",
+        "ICMP (packets)",
+        "data-counter",
+        [
+            (
+                "forwarded",
+                "errors forwarded to backends",
+                g.icmp_forwarded,
+            ),
+            ("echo-replies", "echo replies", g.echo_replies),
+            ("too-big-replies", "too-big replies", g.too_big_replies),
+        ]
+        .map(|(key, label, n)| {
+            let (n, text) = packets(n);
+            (key, label, n, text)
+        }),
     );
     counter_table(
         h,

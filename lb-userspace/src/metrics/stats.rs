@@ -82,6 +82,9 @@ fn global_stats(values: &[u64]) -> GlobalStats {
         flow_hits: at(Counter::FlowHits as u32),
         flow_misses: at(Counter::FlowMisses as u32),
         new_flows: at(Counter::NewFlows as u32),
+        icmp_forwarded: at(Counter::IcmpForwarded as u32),
+        echo_replies: at(Counter::EchoReplies as u32),
+        too_big_replies: at(Counter::TooBigReplies as u32),
         drops: DropReason::ALL
             .into_iter()
             .map(|r| (r.name().to_owned(), at(r.counter_index())))

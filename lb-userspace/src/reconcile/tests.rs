@@ -46,6 +46,7 @@ fn plan(key: VipKey, backends: Vec<BackendPlan>) -> VipPlan {
         key,
         flags: 0,
         ring_size: RING,
+        tunnel: Tunnel::Ipip,
         backends,
     }
 }
@@ -563,9 +564,116 @@ fn drain_writes_the_demotion_after_the_table_swap() {
     assert!(swap < demote, "{:?}", dp.ops);
 }
 
+/// Switching a VIP between IPIP and GUE (or GUE ports) rewrites its slots in place: same
+/// slot, same generation (flows keep their backends), no new table.
+#[test]
+fn a_new_tunnel_rewrites_the_slots_in_place() {
+    let (mut dp, mut rec) = setup();
+    let v = vip("10.0.0.1");
+    let backends = || vec![backend("10.1.0.1", 1), backend("2001:db8::2", 0)];
+    rec.apply(&mut dp, &[plan(v, backends())]).unwrap();
+    let before = rec.backend_slots(&v);
+    assert!(
+        before
+            .iter()
+            .all(|(_, _, b)| (b.encap, b.encap_port) == (ENCAP_IPIP, 0))
+    );
+    dp.ops.clear();
+
+    let gue = VipPlan {
+        tunnel: Tunnel::Gue { port: 6080 },
+        ..plan(v, backends())
+    };
+    rec.apply(&mut dp, std::slice::from_ref(&gue)).unwrap();
+    assert!(
+        !dp.ops.iter().any(|o| matches!(o, Op::SetVip(..))),
+        "no table swap: {:?}",
+        dp.ops
+    );
+    let after = rec.backend_slots(&v);
+    assert_eq!(after.len(), 2);
+    for ((a0, s0, b0), (a1, s1, b1)) in before.iter().zip(&after) {
+        assert_eq!(
+            (a0, s0, b0.generation, b0.state),
+            (a1, s1, b1.generation, b1.state)
+        );
+        assert_eq!(b1.encap, ENCAP_GUE);
+        assert_eq!(
+            b1.encap_port.to_ne_bytes(),
+            [0x17, 0xc0],
+            "6080, network order"
+        );
+        assert_eq!(dp.backends[*s1 as usize], *b1, "written to the map");
+    }
+    // The draining one too, and nothing else was written.
+    assert_eq!(
+        dp.ops
+            .iter()
+            .filter(|o| matches!(o, Op::SetBackend(..)))
+            .count(),
+        2,
+        "{:?}",
+        dp.ops
+    );
+    // Same plan again: nothing to write.
+    dp.ops.clear();
+    rec.apply(&mut dp, &[gue]).unwrap();
+    assert!(
+        !dp.ops.iter().any(|o| matches!(o, Op::SetBackend(..))),
+        "{:?}",
+        dp.ops
+    );
+    rec.apply(&mut dp, &[plan(v, backends())]).unwrap();
+    assert!(
+        rec.backend_slots(&v)
+            .iter()
+            .all(|(_, _, b)| (b.encap, b.encap_port) == (ENCAP_IPIP, 0))
+    );
+}
+
+/// IPv6 VIPs and backends of either family get slots of the backend's family, the address in
+/// wire order.
+#[test]
+fn slots_take_the_backends_family() {
+    let (mut dp, mut rec) = setup();
+    let v6 = VipKey::new(ip("2001:db8::1"), 443, PROTO_TCP);
+    let v4 = vip("10.0.0.1");
+    rec.apply(
+        &mut dp,
+        &[
+            plan(
+                v6,
+                vec![backend("10.1.0.1", 1), backend("2001:db8:1::5", 1)],
+            ),
+            plan(v4, vec![backend("2001:db8:1::6", 1)]),
+        ],
+    )
+    .unwrap();
+    for key in [v6, v4] {
+        for (addr, slot, value) in rec.backend_slots(&key) {
+            let (wire, family) = wire_addr(addr);
+            assert_eq!((value.addr, value.family), (wire, family), "{addr}");
+            assert_eq!(value.state, SLOT_ACTIVE);
+            assert_eq!(dp.backends[slot as usize], value);
+        }
+    }
+    let b6 = rec
+        .backend_slots(&v4)
+        .into_iter()
+        .next()
+        .map(|(_, _, b)| b)
+        .unwrap();
+    assert_eq!(b6.family, lb_common::keys::FAMILY_V6);
+    assert_eq!(ip_from_wire(b6.addr, b6.family), Some(ip("2001:db8:1::6")));
+    // Both VIP addresses are known to the data plane, each in its family.
+    let addrs = &dp.vip_addrs;
+    assert!(addrs.contains_key(&v6.address_only()), "{addrs:?}");
+    assert!(addrs.contains_key(&v4.address_only()), "{addrs:?}");
+}
+
 /// A slot in use as a backend of `vip_id`, as an interrupted lbd may leave it.
 fn stray_slot(addr: &str, vip_id: u32, generation: u32) -> BackendSlot {
-    let mut b = slot_value(&backend(addr, 1), vip_id, generation);
+    let mut b = slot_value(&backend(addr, 1), Tunnel::Ipip, vip_id, generation);
     b.state = SLOT_ACTIVE;
     b
 }

@@ -125,6 +125,9 @@ impl Churn {
                 vip,
                 ring_size: Some(rng.try_pick(&[251, 1021, CHURN_RING])?),
                 hash: Some(rng.try_pick(&[HashMode::FiveTuple, HashMode::SrcIp])?),
+                // IPIP: the churn topology's backends decapsulate both, the other VIPs carry
+                // no traffic.
+                encap: None,
                 check: None,
             });
         };

@@ -164,6 +164,7 @@ fn change_args(change: &Change) -> Vec<String> {
             vip,
             ring_size,
             hash,
+            encap,
             check: None,
         } => {
             let mut a = vec![s("vip"), s("add"), vip.to_string()];
@@ -172,6 +173,9 @@ fn change_args(change: &Change) -> Vec<String> {
             }
             if let Some(h) = hash {
                 a.extend([s("--hash"), h.to_string()]);
+            }
+            if let Some(e) = encap {
+                a.extend([s("--encap"), e.to_string()]);
             }
             a
         }

@@ -89,6 +89,7 @@ fn seeded() -> Fake {
             vip,
             ring_size: Some(13),
             hash: None,
+            encap: None,
             check: None,
         },
         Change::BackendAdd {
@@ -237,6 +238,7 @@ impl Fake {
                     vip: v.id,
                     ring_size: v.ring_size,
                     hash: v.hash,
+                    encap: v.encap,
                     all_down: false,
                     backends: backends(v),
                 })
@@ -486,6 +488,53 @@ async fn a_good_change_is_applied() {
     let reply = server.get("/v1/state").await;
     assert_eq!(reply.status, 200, "{reply}");
     assert_eq!(reply.json::<StateReply>().vip, state.into_vips());
+}
+
+/// IPv6 VIPs (with backends of either family) and GUE through the API: added, shown in the
+/// status, switched back to IPIP by an apply.
+#[tokio::test]
+async fn ipv6_vips_and_encap() {
+    let server = start("ipv6-encap", Fake::default(), TIMEOUTS);
+    let v6 = "[2001:db8::1]:443/tcp";
+    let changes = json!([
+        {"op": "vip_add", "vip": v6, "ring_size": 13, "encap": "gue"},
+        {"op": "backend_add", "vip": v6, "address": "2001:db8:1::1"},
+        {"op": "backend_add", "vip": v6, "address": DRAINING},
+    ]);
+    let reply = server
+        .post("/v1/changes", &json!({ "changes": changes }))
+        .await;
+    assert_eq!(reply.status, 200, "{reply}");
+    let id: VipId = v6.parse().unwrap();
+    let state = server.state();
+    let spec = state.vip(&id).expect("the IPv6 VIP was added");
+    assert_eq!(spec.encap, crate::model::Encap::Gue);
+    assert_eq!(spec.backends.len(), 2);
+    let status: Status = server.get("/v1/status").await.json();
+    assert_eq!(status.vips[0].vip, id);
+    assert_eq!(status.vips[0].encap, crate::model::Encap::Gue);
+
+    let wanted = json!([{"address": v6, "ring_size": 13, "encap": "ipip",
+        "backends": [{"address": "2001:db8:1::1"}, {"address": DRAINING}]}]);
+    let reply = server.post("/v1/apply", &json!({ "vip": wanted })).await;
+    let done: ChangeReply = reply.json();
+    let lines: Vec<String> = done.changes.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        lines,
+        ["~ vip [2001:db8::1]:443/tcp ring_size 13 hash 5tuple encap ipip"]
+    );
+    assert_eq!(
+        server.state().vip(&id).unwrap().encap,
+        crate::model::Encap::Ipip
+    );
+    let reply = server
+        .post(
+            "/v1/changes",
+            &json!({"changes": [{"op": "vip_add", "vip": "[2001:db8::2]:80/tcp", "encap": "vxlan"}]}),
+        )
+        .await;
+    assert_eq!(reply.status, 400, "{reply}");
+    assert!(reply.error().contains("vxlan"), "{reply}");
 }
 
 #[tokio::test]

@@ -28,6 +28,7 @@ pub fn status_table(status: &Status) -> String {
         if vip.backends.is_empty() {
             rows.push(vec![
                 vip.vip.to_string(),
+                vip.encap.to_string(),
                 dash(),
                 dash(),
                 dash(),
@@ -53,6 +54,7 @@ pub fn status_table(status: &Status) -> String {
             );
             rows.push(vec![
                 vip.vip.to_string(),
+                vip.encap.to_string(),
                 b.address.to_string(),
                 b.weight.to_string(),
                 b.state.to_string(),
@@ -65,6 +67,7 @@ pub fn status_table(status: &Status) -> String {
     let mut out = table(
         &[
             ("VIP", Align::Left),
+            ("ENCAP", Align::Left),
             ("BACKEND", Align::Left),
             ("WEIGHT", Align::Right),
             ("STATE", Align::Left),
@@ -113,6 +116,7 @@ pub fn vip_list(vips: &[VipSpec]) -> String {
                 v.id.to_string(),
                 v.ring_size.to_string(),
                 v.hash.to_string(),
+                v.encap.to_string(),
                 v.backends.len().to_string(),
             ]
         })
@@ -122,6 +126,7 @@ pub fn vip_list(vips: &[VipSpec]) -> String {
             ("VIP", Align::Left),
             ("RING_SIZE", Align::Right),
             ("HASH", Align::Left),
+            ("ENCAP", Align::Left),
             ("BACKENDS", Align::Right),
         ],
         &rows,
@@ -221,6 +226,8 @@ mod tests {
         model::{BackendSpec, HashMode},
     };
 
+    use lb_userspace::model::Encap;
+
     use super::*;
 
     fn backend(addr: &str, weight: u32, state: BackendState, flows: u64) -> BackendStatus {
@@ -243,6 +250,7 @@ mod tests {
                     vip: "10.0.0.1:80/tcp".parse().unwrap(),
                     ring_size: 65_537,
                     hash: HashMode::FiveTuple,
+                    encap: Encap::Ipip,
                     all_down: false,
                     backends: vec![
                         BackendStatus {
@@ -269,9 +277,10 @@ mod tests {
                     ],
                 },
                 VipStatus {
-                    vip: "10.0.0.2:53/udp".parse().unwrap(),
+                    vip: "[2001:db8::53]:53/udp".parse().unwrap(),
                     ring_size: 251,
                     hash: HashMode::SrcIp,
+                    encap: Encap::Gue,
                     all_down: true,
                     backends: vec![],
                 },
@@ -280,12 +289,12 @@ mod tests {
         assert_eq!(
             status_table(&status),
             "\
-VIP              BACKEND    WEIGHT  STATE     FLOWS  HEALTH    LAST CHECK
-10.0.0.1:80/tcp  10.1.0.1      100  active    12345  up 1m15s  ok 0.4ms
-10.0.0.1:80/tcp  10.1.0.22       5  draining      3  -         -
-10.0.0.1:80/tcp  10.1.0.3      100  down          0  down 4s   HTTP 500 (expected 200-399)
-10.0.0.2:53/udp  -               -  -             -  -         -
-warning: every backend of 10.0.0.2:53/udp fails its health checks; it keeps its last table
+VIP                    ENCAP  BACKEND    WEIGHT  STATE     FLOWS  HEALTH    LAST CHECK
+10.0.0.1:80/tcp        ipip   10.1.0.1      100  active    12345  up 1m15s  ok 0.4ms
+10.0.0.1:80/tcp        ipip   10.1.0.22       5  draining      3  -         -
+10.0.0.1:80/tcp        ipip   10.1.0.3      100  down          0  down 4s   HTTP 500 (expected 200-399)
+[2001:db8::53]:53/udp  gue    -               -  -             -  -         -
+warning: every backend of [2001:db8::53]:53/udp fails its health checks; it keeps its last table
 "
         );
         let empty = Status {
@@ -305,14 +314,15 @@ warning: every backend of 10.0.0.2:53/udp fails its health checks; it keeps its 
         let dns = VipSpec {
             ring_size: 251,
             hash: HashMode::SrcIp,
+            encap: Encap::Gue,
             ..VipSpec::new("[2001:db8::53]:53/udp".parse().unwrap())
         };
         assert_eq!(
             vip_list(&[web, dns]),
             "\
-VIP                    RING_SIZE  HASH    BACKENDS
-10.0.0.1:80/tcp            65537  5tuple         2
-[2001:db8::53]:53/udp        251  src-ip         0
+VIP                    RING_SIZE  HASH    ENCAP  BACKENDS
+10.0.0.1:80/tcp            65537  5tuple  ipip          2
+[2001:db8::53]:53/udp        251  src-ip  gue           0
 "
         );
         assert_eq!(vip_list(&[]), "no VIPs\n");

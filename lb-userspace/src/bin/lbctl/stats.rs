@@ -135,7 +135,7 @@ fn global_lines(g: &GlobalStats) -> String {
             parts.join(", ")
         }
     };
-    format!(
+    let mut out = format!(
         "data plane: {} new flows, {} flow-table hits, {} misses (TCP non-SYN packets re-hashed)\n\
          XDP actions: {}; drops: {}\n",
         g.new_flows,
@@ -143,7 +143,16 @@ fn global_lines(g: &GlobalStats) -> String {
         g.flow_misses,
         named(&g.actions, false),
         named(&g.drops, true),
-    )
+    );
+    // Only once there is ICMP to speak of: most VIPs never see any.
+    if g.icmp_forwarded + g.echo_replies + g.too_big_replies > 0 {
+        let _ = writeln!(
+            out,
+            "ICMP: {} errors forwarded to backends, {} echo replies, {} too-big replies",
+            g.icmp_forwarded, g.echo_replies, g.too_big_replies
+        );
+    }
+    out
 }
 
 /// `lbctl debug`: the switch's state, with a reminder of its cost when on.
@@ -244,6 +253,9 @@ mod tests {
                 flow_hits: 1_234_000,
                 flow_misses: 2,
                 new_flows: 15,
+                icmp_forwarded: 0,
+                echo_replies: 0,
+                too_big_replies: 0,
                 drops: BTreeMap::from([("malformed".into(), 0), ("no_backend".into(), 7)]),
             },
             flow_table: FlowTableStats {
@@ -280,6 +292,7 @@ XDP actions: drop 7, pass 31, redirect 0, tx 1235566; drops: no_backend 7
         stats.vips.truncate(1);
         stats.vips[0].backends.truncate(1);
         stats.global.drops.clear();
+        stats.global.echo_replies = 3;
         stats.flow_table.capacity = 0;
         assert_eq!(
             stats_table(&stats),
@@ -291,6 +304,7 @@ VIP              BACKEND   STATE   WEIGHT  FLOWS  PKT/S  BYTE RATE  NEW FLOWS/S 
 flow table: 1000 of 0 entries
 data plane: 15 new flows, 1234000 flow-table hits, 2 misses (TCP non-SYN packets re-hashed)
 XDP actions: drop 7, pass 31, redirect 0, tx 1235566; drops: none
+ICMP: 0 errors forwarded to backends, 3 echo replies, 0 too-big replies
 "
         );
         stats.vips.clear();

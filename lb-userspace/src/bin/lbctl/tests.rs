@@ -29,6 +29,7 @@ fn every_command_parses() {
                 vip,
                 ring_size: Some(251),
                 hash: Some(HashMode::SrcIp),
+                encap: None,
                 check: CheckArgs::default(),
             }),
         ),
@@ -38,6 +39,35 @@ fn every_command_parses() {
                 vip,
                 ring_size: None,
                 hash: None,
+                encap: None,
+                check: CheckArgs::default(),
+            }),
+        ),
+        (
+            "lbctl vip add [2001:db8::1]:443/tcp --encap gue",
+            Command::Vip(VipCommand::Add {
+                vip: "[2001:db8::1]:443/tcp".parse().unwrap(),
+                ring_size: None,
+                hash: None,
+                encap: Some(Encap::Gue),
+                check: CheckArgs::default(),
+            }),
+        ),
+        (
+            "lbctl vip set [2001:db8::1]:443/tcp --encap ipip",
+            Command::Vip(VipCommand::Set {
+                vip: "[2001:db8::1]:443/tcp".parse().unwrap(),
+                ring_size: None,
+                hash: None,
+                encap: Some(Encap::Ipip),
+            }),
+        ),
+        (
+            "lbctl backend add [2001:db8::1]:443/tcp 10.1.0.1",
+            Command::Backend(BackendCommand::Add {
+                vip: "[2001:db8::1]:443/tcp".parse().unwrap(),
+                addr,
+                weight: None,
                 check: CheckArgs::default(),
             }),
         ),
@@ -249,6 +279,10 @@ fn bad_values_name_the_argument() {
         (
             "lbctl vip add 10.0.0.1:80/tcp --hash 5-tuple",
             "invalid value '5-tuple' for '--hash <MODE>': \"5-tuple\" is not a valid hash mode",
+        ),
+        (
+            "lbctl vip add 10.0.0.1:80/tcp --encap vxlan",
+            "invalid value 'vxlan' for '--encap <KIND>': \"vxlan\" is not a valid encapsulation",
         ),
         (
             "lbctl backend drain 10.0.0.1:80/tcp 10.1.0.1 --timeout 5",

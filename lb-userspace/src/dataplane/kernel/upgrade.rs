@@ -22,6 +22,13 @@ use crate::dataplane::DataPlaneError;
 /// skipped (and logged).
 pub fn upgrade(pin_dir: &Path) -> Result<Vec<String>, DataPlaneError> {
     let map_dir = pin_dir.join("maps");
+    // The new program must fit the running maps exactly: the verifier would otherwise refuse
+    // it with an out-of-bounds access and no word about why.
+    super::pins::check(
+        &map_dir,
+        crate::lb_object(),
+        super::pins::OnMismatch::Refuse,
+    )?;
     // Every pin opened (and its map id noted) before loading: the loader silently creates and
     // pins any map whose pin it cannot open.
     let mut pinned = Vec::with_capacity(PINNED_MAPS.len());

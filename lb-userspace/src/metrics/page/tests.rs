@@ -87,6 +87,9 @@ fn fixture() -> Stats {
             flow_hits: 2900,
             flow_misses: 1,
             new_flows: 300,
+            icmp_forwarded: 4,
+            echo_replies: 5,
+            too_big_replies: 6,
             drops: BTreeMap::from([("malformed".to_owned(), 3), ("no_backend".to_owned(), 0)]),
         },
         flow_table: FlowTableStats {
@@ -245,6 +248,19 @@ fn global_counters_and_rate_interval() {
     assert!(malformed.contains("class=\"nonzero\""));
     assert_eq!(cell(malformed, "value").1, "3");
     assert!(page.contains("data-reason=\"no_backend\""));
+    assert!(page.contains("<table id=\"icmp\""), "{page}");
+    assert_eq!(
+        cell(row(&page, "data-counter=\"forwarded\""), "value").1,
+        "4"
+    );
+    assert_eq!(
+        cell(row(&page, "data-counter=\"echo-replies\""), "value").1,
+        "5"
+    );
+    assert_eq!(
+        cell(row(&page, "data-counter=\"too-big-replies\""), "value").1,
+        "6"
+    );
     let entries = row(&page, "data-counter=\"entries\"");
     assert_eq!(cell(entries, "value").1, "300 (0.5%)");
     assert_eq!(
