@@ -16,16 +16,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
     BackendSlot, VipKey, VipMeta,
     keys::{RING_EMPTY, SLOT_ACTIVE, ip_from_wire},
     maps,
+    stats::{Counter, DropReason},
 };
 use lb_userspace::{
     api::client::Client,
     dataplane::{
-        decap::{DecapHandle, attach_decap, attach_pass},
+        decap::{DecapHandle, attach_decap, attach_decap_with, attach_pass},
         kernel::AttachMode,
     },
 };
@@ -87,23 +88,60 @@ impl VipConfig {
                 .collect(),
         }
     }
+
+    /// `address` (`10.200.0.100:80/tcp`, `[fd00:200::100]:80/tcp`) over `backends`, each at
+    /// weight 100.
+    pub fn with_backends(
+        address: impl Into<String>,
+        backends: impl IntoIterator<Item = IpAddr>,
+    ) -> Self {
+        Self {
+            address: address.into(),
+            ring_size: None,
+            backends: backends.into_iter().map(|a| (a, 100)).collect(),
+        }
+    }
 }
 
 /// Writes an lbd config file (the `lb.toml` format).
 pub fn render_config(vips: &[VipConfig]) -> String {
     let mut out = String::new();
     for vip in vips {
-        let _ = writeln!(out, "[[vip]]\naddress = \"{}\"", vip.address);
-        if let Some(size) = vip.ring_size {
-            let _ = writeln!(out, "ring_size = {size}");
-        }
-        out.push_str("backends = [\n");
-        for (addr, weight) in &vip.backends {
-            let _ = writeln!(out, "  {{ address = \"{addr}\", weight = {weight} }},");
-        }
-        out.push_str("]\n\n");
+        render_vip(&mut out, vip, &[]);
     }
     out
+}
+
+/// [`render_config`] with `[settings]` lines (`gue_port = 7000`) and, per VIP, more key lines
+/// (`encap = "gue"`).
+pub fn render_config_with(settings: &[&str], vips: &[(VipConfig, &[&str])]) -> String {
+    let mut out = String::new();
+    if !settings.is_empty() {
+        out.push_str("[settings]\n");
+        for line in settings {
+            let _ = writeln!(out, "{line}");
+        }
+        out.push('\n');
+    }
+    for (vip, extra) in vips {
+        render_vip(&mut out, vip, extra);
+    }
+    out
+}
+
+fn render_vip(out: &mut String, vip: &VipConfig, extra: &[&str]) {
+    let _ = writeln!(out, "[[vip]]\naddress = \"{}\"", vip.address);
+    if let Some(size) = vip.ring_size {
+        let _ = writeln!(out, "ring_size = {size}");
+    }
+    for line in extra {
+        let _ = writeln!(out, "{line}");
+    }
+    out.push_str("backends = [\n");
+    for (addr, weight) in &vip.backends {
+        let _ = writeln!(out, "  {{ address = \"{addr}\", weight = {weight} }},");
+    }
+    out.push_str("]\n\n");
 }
 
 /// `RUN_ROOT/<tag>`, empty: the folder of an lbd's control socket and state file.
@@ -320,6 +358,31 @@ impl<'a> Lbd<'a> {
     /// from inside the namespace: the status code and the body.
     pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
         self.ns.run(|| http_get(METRICS_ADDR, path))
+    }
+
+    /// One entry of the pinned `LB_GLOBAL_STATS`, summed over the CPUs: a [`Counter`] or a
+    /// [`DropReason::counter_index`].
+    pub fn global_counter(&self, index: u32) -> Result<u64> {
+        let path = self.pin_dir.join("maps").join(maps::GLOBAL_STATS);
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let map = Map::from_map_data(data).context("LB_GLOBAL_STATS")?;
+        let stats: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(map).context("LB_GLOBAL_STATS")?;
+        let values = stats
+            .get(&index, 0)
+            .with_context(|| format!("reading LB_GLOBAL_STATS[{index}]"))?;
+        Ok(values.iter().sum())
+    }
+
+    /// A global counter ([`Lbd::global_counter`]).
+    pub fn counter(&self, counter: Counter) -> Result<u64> {
+        self.global_counter(counter as u32)
+    }
+
+    /// Drops counted for `reason` ([`Lbd::global_counter`]).
+    pub fn drops(&self, reason: DropReason) -> Result<u64> {
+        self.global_counter(reason.counter_index())
     }
 
     /// A read-only view of the pinned maps.
@@ -643,12 +706,26 @@ pub struct DataPath {
 
 impl DataPath {
     pub fn attach(topo: &Topology, mode: AttachMode, vips: &[IpAddr]) -> Result<Self> {
+        Self::attach_lb_decap(topo, mode, vips, None)
+    }
+
+    /// `lb_decap` on every backend taking IPIP and GUE on `gue_port` (`lb_decap`'s default
+    /// port when `None`), plus `xdp_pass` on the gateways' peers in native mode.
+    fn attach_lb_decap(
+        topo: &Topology,
+        mode: AttachMode,
+        vips: &[IpAddr],
+        gue_port: Option<u16>,
+    ) -> Result<Self> {
         let mut handles = Vec::new();
         for backend in &topo.backends {
             let iface = vec![backend.eth0.name.clone()];
             let handle = backend
                 .ns
-                .run(|| attach_decap(&iface, mode, vips))
+                .run(|| match gue_port {
+                    None => attach_decap(&iface, mode, vips),
+                    Some(port) => attach_decap_with(&iface, mode, vips, Some(port)),
+                })
                 .with_context(|| format!("lb_decap on {}", backend.name))?;
             handles.push(handle);
         }
@@ -701,7 +778,9 @@ impl ServedTopology {
         decap: BackendDecap,
     ) -> Result<Self> {
         let topo = builder.build()?;
-        let datapath = DataPath::attach_with(&topo, mode, &[IpAddr::V4(topo.vip)], decap)?;
+        // Both VIPs: tests choose the family per VIP (and per backend).
+        let vips = [IpAddr::V4(topo.vip), IpAddr::V6(topo.vip6)];
+        let datapath = DataPath::attach_with(&topo, mode, &vips, decap)?;
         let servers = topo
             .backends
             .iter()
@@ -924,9 +1003,11 @@ impl Lbd<'_> {
 /// How the backends take the tunnel off.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackendDecap {
-    /// Our `lb_decap` XDP program on each backend's eth0.
+    /// Our `lb_decap` XDP program on each backend's eth0 (IPIP, and GUE on its default port).
     #[default]
     LbDecap,
+    /// `lb_decap` taking GUE on this UDP port instead of the default (and IPIP).
+    LbDecapGue(u16),
     /// The kernel's own ipip device ([`IpipDevice`]) and no XDP program on the backends.
     KernelIpip(IpipDevice),
 }
@@ -944,6 +1025,7 @@ impl DataPath {
     ) -> Result<Self> {
         match decap {
             BackendDecap::LbDecap => Self::attach(topo, mode, vips),
+            BackendDecap::LbDecapGue(port) => Self::attach_lb_decap(topo, mode, vips, Some(port)),
             BackendDecap::KernelIpip(kind) => {
                 let tunnels = topo.add_kernel_ipip(kind)?;
                 let handles = attach_peer_pass(topo, mode)?.into_iter().collect();

@@ -26,7 +26,7 @@ use anyhow::{Context as _, Result, bail};
 
 pub mod topology;
 
-pub use topology::{Arms, Gateway, Host, Iface, Topology, TopologyBuilder};
+pub use topology::{Arms, Gateway, Host, Iface, Router, Topology, TopologyBuilder};
 
 /// Every namespace this harness creates is called `lbt-<pid>-<seq>-<label>`.
 const NAME_PREFIX: &str = "lbt-";

@@ -12,8 +12,11 @@
 //!   (status 200 unless changed with [`Server::set_http_status`]).
 //!
 //! UDP: every datagram is answered with `<name>\n<datagram>`.
+//!
+//! ICMP: [`ping`] sends echo requests over a raw socket and matches each reply.
 
 mod client;
+mod ping;
 mod server;
 
 use std::{
@@ -24,6 +27,7 @@ use std::{
 use anyhow::Result;
 
 pub use client::{Session, UdpClient, connect, download, http_get, udp_who, upload, who};
+pub use ping::ping;
 pub use server::{Server, UdpEcho, VipUdpEcho};
 
 /// Connect and per-read/write timeout of the client helpers.

@@ -8,6 +8,13 @@
 //! two-arm  client 10.10.0.1 ── "front" ── eth0 10.10.0.2 gw0 eth1 10.20.0.2 ── "back" ── backends 10.20.0.11..
 //! ```
 //! IPv6 mirrors it: `fd00:10::/64` (front), `fd00:20::/64` (back), VIP `fd00:200::100`.
+//!
+//! With a router ([`TopologyBuilder::router`], two-arm, one gateway), the gateway's eth1 sits on
+//! a link of its own ("mid", `10.30.0.0/24`, `fd00:30::/64`, MTU of choice) to the router, and
+//! the router's eth1 (`10.20.0.1`, `fd00:20::1`) on "back" with the backends:
+//! ```text
+//! client ── "front" ── eth0 gw0 eth1 10.30.0.2 ── "mid" ── 10.30.0.1 router 10.20.0.1 ── "back" ── backends
+//! ```
 //! The client routes the VIP to the gateway(s) (ECMP with an L4 hash when there are several);
 //! backends hold the VIP on `lo` and answer the client directly (DSR): in one-arm on the shared
 //! subnet, in two-arm through the first gateway's kernel forwarding.
@@ -18,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use super::Netns;
 
@@ -106,8 +113,22 @@ pub struct Topology {
     pub client: Host,
     pub gateways: Vec<Gateway>,
     pub backends: Vec<Host>,
-    /// Holds the bridges `front` (and `back`) and the peers of every host interface.
+    /// The router between the gateway and the backends ([`TopologyBuilder::router`]).
+    pub router: Option<Router>,
+    /// Holds the bridges `front` (and `back`, `mid`) and the peers of every host interface.
     pub switch: Netns,
+}
+
+/// A plain kernel router between the gateway and the backends: no XDP anywhere on it. It
+/// forwards with ICMP rate limits off, so every packet too big for the "mid" link is answered
+/// with fragmentation-needed (IPv4) or packet-too-big (IPv6).
+#[derive(Debug)]
+pub struct Router {
+    pub ns: Netns,
+    /// eth0 on "mid", toward the gateway (`10.30.0.1`, `fd00:30::1`).
+    pub mid: Iface,
+    /// eth1 on "back", the backends' default gateway (`10.20.0.1`, `fd00:20::1`).
+    pub back: Iface,
 }
 
 impl Topology {
@@ -163,6 +184,8 @@ pub struct TopologyBuilder {
     gateways: usize,
     client_mtu: u32,
     leg_mtu: u32,
+    /// MTU of the gateway-router link when there is a router.
+    router_mtu: Option<u32>,
 }
 
 impl TopologyBuilder {
@@ -174,6 +197,7 @@ impl TopologyBuilder {
             gateways: 1,
             client_mtu: CLIENT_MTU,
             leg_mtu: LEG_MTU,
+            router_mtu: None,
         }
     }
 
@@ -206,12 +230,25 @@ impl TopologyBuilder {
         self
     }
 
+    /// Puts a [`Router`] between the gateway and the backends (two-arm, one gateway only): the
+    /// gateway reaches the backends through it over a link of `mid_mtu` (both ends), the
+    /// backends answer the client through it and the gateway's kernel forwarding. Every other
+    /// link keeps its MTU, so a `mid_mtu` below 1500 makes the router the path's bottleneck.
+    #[must_use]
+    pub fn router(mut self, mid_mtu: u32) -> Self {
+        self.router_mtu = Some(mid_mtu);
+        self
+    }
+
     pub fn build(self) -> Result<Topology> {
         if self.gateways == 0 || self.gateways > 8 {
             bail!("gateways: 1 to 8, not {}", self.gateways);
         }
         if self.backends > 100 {
             bail!("backends: at most 100, not {}", self.backends);
+        }
+        if self.router_mtu.is_some() && (self.arms != Arms::Two || self.gateways != 1) {
+            bail!("a router needs a two-arm topology with one gateway");
         }
         let label = &self.label;
         let two = self.arms == Arms::Two;
@@ -232,6 +269,10 @@ impl TopologyBuilder {
             sw_script.push("link add back type bridge stp_state 0 mcast_snooping 0".to_owned());
             sw_script.push("link set back up".to_owned());
         }
+        if self.router_mtu.is_some() {
+            sw_script.push("link add mid type bridge stp_state 0 mcast_snooping 0".to_owned());
+            sw_script.push("link set mid up".to_owned());
+        }
 
         let client_ns = host_ns(&format!("{label}-client"), &[])?;
         let client = Host {
@@ -250,6 +291,7 @@ impl TopologyBuilder {
 
         let gateways = self.gateway_hosts(&mut sw_script)?;
         let backends = self.backend_hosts(&mut sw_script)?;
+        let router = self.router_host(&mut sw_script)?;
         switch.ip_batch(&sw_script)?;
 
         let topology = Topology {
@@ -259,9 +301,11 @@ impl TopologyBuilder {
             client,
             gateways,
             backends,
+            router,
             switch,
         };
         topology.configure_hosts()?;
+        topology.configure_router()?;
         Ok(topology)
     }
 }
@@ -291,18 +335,32 @@ impl TopologyBuilder {
                 self.leg_mtu,
             );
             sw_script.extend(veth_lines(&front, &ns, "front"));
-            let back = two.then(|| {
-                iface(
+            // With a router, eth1 is on the "mid" link to it instead of on "back".
+            let back = two.then(|| match self.router_mtu {
+                None => iface(
                     "eth1",
                     &format!("g{g}b"),
                     [3, n + 1],
                     back_v4(2 + n),
                     back_v6(2 + n),
                     self.leg_mtu,
-                )
+                ),
+                Some(mtu) => iface(
+                    "eth1",
+                    &format!("g{g}b"),
+                    [3, n + 1],
+                    mid_v4(2 + n),
+                    mid_v6(2 + n),
+                    mtu,
+                ),
             });
             if let Some(back) = &back {
-                sw_script.extend(veth_lines(back, &ns, "back"));
+                let bridge = if self.router_mtu.is_some() {
+                    "mid"
+                } else {
+                    "back"
+                };
+                sw_script.extend(veth_lines(back, &ns, bridge));
             }
             gateways.push(Gateway { ns, front, back });
         }
@@ -348,7 +406,65 @@ impl TopologyBuilder {
     }
 }
 
+impl TopologyBuilder {
+    /// The router namespace, if asked for; its veth pairs go into the switch script.
+    fn router_host(&self, sw_script: &mut Vec<String>) -> Result<Option<Router>> {
+        let Some(mid_mtu) = self.router_mtu else {
+            return Ok(None);
+        };
+        let ns = host_ns(
+            &format!("{}-rt", self.label),
+            &[
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv6.conf.all.forwarding", "1"),
+                // Every too-big packet gets its ICMP error: the test counts on them.
+                ("net.ipv4.icmp_ratelimit", "0"),
+                ("net.ipv6.icmp.ratelimit", "0"),
+                ("net.ipv4.icmp_msgs_per_sec", "100000"),
+                ("net.ipv4.icmp_msgs_burst", "100000"),
+            ],
+        )?;
+        let mid = iface("eth0", "r0m", [5, 1], mid_v4(1), mid_v6(1), mid_mtu);
+        let back = iface("eth1", "r0b", [5, 2], back_v4(1), back_v6(1), self.leg_mtu);
+        sw_script.extend(veth_lines(&mid, &ns, "mid"));
+        sw_script.extend(veth_lines(&back, &ns, "back"));
+        Ok(Some(Router { ns, mid, back }))
+    }
+}
+
 impl Topology {
+    /// The router's addresses and routes (client, VIPs via the gateway), and the gateway's
+    /// routes to the backends via the router.
+    fn configure_router(&self) -> Result<()> {
+        let Some(router) = &self.router else {
+            return Ok(());
+        };
+        let gw = self.gw();
+        let gw_mid = gw
+            .back
+            .as_ref()
+            .context("a router needs the gateway's eth1")?;
+        let mut script = iface_lines(&router.mid);
+        script.extend(iface_lines(&router.back));
+        // The client's subnet and every VIP (ICMP errors about the backends' replies are
+        // addressed to the VIP) lie behind the gateway.
+        for dst in ["10.10.0.0/24", "10.200.0.0/16"] {
+            script.push(format!("route add {dst} via {} dev eth0", gw_mid.ip));
+        }
+        for dst in ["fd00:10::/64", "fd00:200::/48"] {
+            script.push(format!("route add {dst} via {} dev eth0", gw_mid.ip6));
+        }
+        router.ns.ip_batch(&script)?;
+        gw.ns.ip_batch(&[
+            format!("route add 10.20.0.0/24 via {} dev eth1", router.mid.ip),
+            format!("route add fd00:20::/64 via {} dev eth1", router.mid.ip6),
+        ])?;
+        router
+            .ns
+            .wait_links_up(&["eth0", "eth1"], LINK_TIMEOUT)
+            .map_err(|e| e.context("router links"))
+    }
+
     /// Addresses and routes on every host, then waits for carrier everywhere.
     fn configure_hosts(&self) -> Result<()> {
         let two = self.arms == Arms::Two;
@@ -388,10 +504,12 @@ impl Topology {
 
         // Replies leave through the first gateway: in one-arm only off-subnet traffic does,
         // in two-arm everything toward the client.
+        // With a router, through it.
         let gw = &self.gateways[0];
-        let (via4, via6) = match &gw.back {
-            Some(back) => (back.ip, back.ip6),
-            None => (gw.front.ip, gw.front.ip6),
+        let (via4, via6) = match (&self.router, &gw.back) {
+            (Some(router), _) => (router.back.ip, router.back.ip6),
+            (None, Some(back)) => (back.ip, back.ip6),
+            (None, None) => (gw.front.ip, gw.front.ip6),
         };
         for backend in &self.backends {
             let mut script = iface_lines(&backend.eth0);
@@ -449,6 +567,14 @@ fn front_v4(host: u8) -> Ipv4Addr {
 
 fn back_v4(host: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 20, 0, host)
+}
+
+fn mid_v4(host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 30, 0, host)
+}
+
+fn mid_v6(host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, host.into())
 }
 
 fn front_v6(host: u8) -> Ipv6Addr {
@@ -563,7 +689,6 @@ impl Drop for KernelIpip {
 impl Host {
     /// Packets this backend's [`IPIP_DEV`] has received: IPIP packets the kernel decapsulated.
     pub fn ipip_rx_packets(&self) -> Result<u64> {
-        use anyhow::Context as _;
         let out = self.ns.ip(["-s", "-j", "link", "show", "dev", IPIP_DEV])?;
         let json: serde_json::Value = serde_json::from_str(&out)
             .with_context(|| format!("`ip -s -j link show {IPIP_DEV}`: {out}"))?;
@@ -615,4 +740,118 @@ pub fn probe_kernel_ipip(kind: IpipDevice) -> Result<()> {
         bail!("{IPIP_DEV} was created but is not an ipip device: {link}");
     }
     Ok(())
+}
+
+// ---- What the switch forwards to the backends (issue 9) ----------------------------------
+// lb_decap strips the outer headers in XDP, before any hook on the backend could see them, so
+// the outer headers are counted where they still exist: in the switch's bridge, on the way to
+// each backend's port.
+
+/// Outer-header counts of the frames the switch forwarded to one backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EncapCount {
+    /// IPv4 outer header, protocol 4 or 41 (IPIP).
+    pub ipip4: u64,
+    /// IPv6 outer header, next header 4 or 41 (IPIP).
+    pub ipip6: u64,
+    /// IPv4 outer header, UDP to the GUE port.
+    pub gue4: u64,
+    /// IPv6 outer header, UDP to the GUE port.
+    pub gue6: u64,
+}
+
+/// nft counters (table family `bridge`, forward hook) in the switch namespace, one set per
+/// backend port; the table is deleted on drop.
+pub struct EncapCounters<'a> {
+    switch: &'a Netns,
+    table: String,
+    /// The backends' switch-side ports, in backend order.
+    ports: Vec<String>,
+}
+
+const ENCAP_TABLE: &str = "lbt_encap";
+
+impl Topology {
+    /// Counts, per backend, the IPIP and GUE (UDP to `gue_port`) frames the switch forwards to
+    /// it, outer IPv4 and IPv6 apart.
+    pub fn count_backend_encap(&self, gue_port: u16) -> Result<EncapCounters<'_>> {
+        let ports: Vec<String> = self.backends.iter().map(|b| b.eth0.peer.clone()).collect();
+        let table = ENCAP_TABLE;
+        let mut script = format!(
+            "add table bridge {table}; add chain bridge {table} count {{ type filter hook forward priority 0; policy accept; }}; "
+        );
+        for port in &ports {
+            for (kind, matches) in [
+                ("ipip4", "ip protocol { 4, 41 }".to_owned()),
+                ("ipip6", "ip6 nexthdr { 4, 41 }".to_owned()),
+                ("gue4", format!("ip protocol udp udp dport {gue_port}")),
+                ("gue6", format!("ip6 nexthdr udp udp dport {gue_port}")),
+            ] {
+                let name = format!("{port}_{kind}");
+                write!(
+                    script,
+                    "add counter bridge {table} {name}; add rule bridge {table} count oifname \"{port}\" {matches} counter name \"{name}\"; "
+                )
+                .expect("writing to a String");
+            }
+        }
+        // The guard first, so a half-made table goes too.
+        let counters = EncapCounters {
+            switch: &self.switch,
+            table: table.to_owned(),
+            ports,
+        };
+        self.switch
+            .exec(["nft", script.as_str()])
+            .context("creating the switch's encapsulation counters")?;
+        Ok(counters)
+    }
+}
+
+impl EncapCounters<'_> {
+    /// The counts so far, in backend order.
+    pub fn read(&self) -> Result<Vec<EncapCount>> {
+        let json = self.switch.exec([
+            "nft",
+            "-j",
+            "list",
+            "counters",
+            "table",
+            "bridge",
+            &self.table,
+        ])?;
+        let value: serde_json::Value =
+            serde_json::from_str(&json).with_context(|| format!("nft counters: {json}"))?;
+        let items = value["nftables"]
+            .as_array()
+            .with_context(|| format!("nft counters: no nftables array in {json}"))?;
+        let packets = |name: &str| -> Result<u64> {
+            items
+                .iter()
+                .filter_map(|i| i.get("counter"))
+                .find(|c| c["name"] == name)
+                .and_then(|c| c["packets"].as_u64())
+                .with_context(|| format!("no nft counter {name} in {json}"))
+        };
+        self.ports
+            .iter()
+            .map(|port| {
+                Ok(EncapCount {
+                    ipip4: packets(&format!("{port}_ipip4"))?,
+                    ipip6: packets(&format!("{port}_ipip6"))?,
+                    gue4: packets(&format!("{port}_gue4"))?,
+                    gue6: packets(&format!("{port}_gue6"))?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for EncapCounters<'_> {
+    fn drop(&mut self) {
+        // Fails only when the switch namespace is gone already, and the table with it.
+        let _ = self
+            .switch
+            .exec(["nft", "delete", "table", "bridge", self.table.as_str()]);
+    }
 }
