@@ -2,7 +2,7 @@
 //! outer-source config, its maps filled by hand (setup), `lb_xdp` run on frames (run), and the
 //! checks of an encapsulated frame against what lb-common's hash predicts on the host (check).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -12,7 +12,7 @@ use aya::{
 use lb_common::{
     BackendSlot, FlowKey, FlowValue, GlobalConfig, GuardState, TrafficCounters, VipKey, VipMeta,
     hash::{encap_entropy, flow_hash},
-    keys::{ENCAP_IPIP, FAMILY_V4, SLOT_ACTIVE, wire_addr},
+    keys::{ENCAP_IPIP, FAMILY_V4, FAMILY_V6, SLOT_ACTIVE, wire_addr},
     maps,
     stats::COUNTER_COUNT,
 };
@@ -34,6 +34,12 @@ pub const VIP_ID: u32 = 7;
 pub const ENCAP_SRC: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 0);
 /// Entropy bits of the outer source: the low 16 bits (a /16 of source addresses).
 pub const ENCAP_MASK: Ipv4Addr = Ipv4Addr::new(0, 0, 255, 255);
+/// Outer IPv6 source toward IPv6 backends; its last 16 bits carry entropy.
+pub const ENCAP_SRC_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0x1b, 0);
+/// `GlobalConfig::encap_src_v6_mask` (wire order): the address's last two bytes.
+pub const ENCAP_MASK_V6: [u8; 4] = [0, 0, 0xff, 0xff];
+/// An IPv6 VIP address.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x100);
 
 /// `addr` as the data plane stores it.
 pub fn wire(addr: Ipv4Addr) -> u32 {
@@ -54,6 +60,30 @@ pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
         proto,
         family: FAMILY_V4,
         pad: [0; 2],
+    }
+}
+
+/// The flow key the data plane builds for a frame of either family from `src` to `dst`.
+pub fn flow_key_ip(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
+    let (s, family) = wire_addr(src.ip());
+    FlowKey {
+        src: s,
+        dst: wire_addr(dst.ip()).0,
+        sport: src.port().to_be(),
+        dport: dst.port().to_be(),
+        proto,
+        family,
+        pad: [0; 2],
+    }
+}
+
+/// Active IPv6 backend slot `index` at `2001:db8:be::<index>`, reached through `ifindex`.
+pub fn backend_v6(index: u32, ifindex: u32) -> BackendSlot {
+    let addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 0, 0, 0, 0, index as u16);
+    BackendSlot {
+        addr: wire_addr(IpAddr::V6(addr)).0,
+        family: FAMILY_V6,
+        ..backend(index, ifindex)
     }
 }
 
@@ -143,6 +173,8 @@ impl Lb {
             encap_src_v4: wire(ENCAP_SRC),
             encap_src_v4_mask: wire(ENCAP_MASK),
             now_tick: TEST_TICK,
+            encap_src_v6: wire_addr(IpAddr::V6(ENCAP_SRC_V6)).0,
+            encap_src_v6_mask: u32::from_ne_bytes(ENCAP_MASK_V6),
             ..GlobalConfig::default()
         };
         config.set(0, cfg, 0).expect("set LB_CONFIG");
@@ -153,7 +185,12 @@ impl Lb {
     }
 
     pub fn add_vip(&mut self, vip: SocketAddrV4, proto: u8, ring_offset: u32, ring_size: u32) {
-        let key = VipKey::new(IpAddr::V4(*vip.ip()), vip.port(), proto);
+        self.add_vip_ip(vip.into(), proto, ring_offset, ring_size);
+    }
+
+    /// Adds a VIP of either family (`LB_VIPS` and `LB_VIP_ADDRS`) with id `VIP_ID`.
+    pub fn add_vip_ip(&mut self, vip: SocketAddr, proto: u8, ring_offset: u32, ring_size: u32) {
+        let key = VipKey::new(vip.ip(), vip.port(), proto);
         let meta = VipMeta {
             vip_id: VIP_ID,
             flags: 0,
@@ -236,6 +273,16 @@ impl Lb {
             .iter()
             .map(|s| s.unrecorded)
             .sum()
+    }
+
+    /// Sets `GlobalConfig::flags` (`CFG_F_*`).
+    pub fn set_flags(&mut self, flags: u32) {
+        let mut config: Array<_, GlobalConfig> =
+            Array::try_from(self.ebpf.map_mut(maps::CONFIG).expect("LB_CONFIG")).expect("array");
+        let current = config.get(&0, 0).expect("LB_CONFIG");
+        config
+            .set(0, GlobalConfig { flags, ..current }, 0)
+            .expect("set LB_CONFIG");
     }
 
     /// Publishes `tick` as the clock, as lbd does.

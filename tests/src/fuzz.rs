@@ -6,6 +6,8 @@
 pub mod campaign;
 pub mod generate;
 pub mod oracle;
+pub mod parse;
+pub mod reference;
 pub mod universe;
 
 pub use campaign::{Campaign, Mismatch, Tally};

@@ -1,16 +1,22 @@
-//! Test packets: builds Ethernet / IPv4 / TCP / UDP frames with correct checksums (and lets a
-//! test break any field afterwards), and parses the frames a program hands back.
+//! Test packets: builds Ethernet / IPv4 / IPv6 / TCP / UDP / ICMP frames with correct checksums
+//! (and lets a test break any field afterwards), and parses the frames a program hands back.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+pub const UDP_HLEN: usize = 8;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// IPv6 inside IPv4 or IPv6 (next header 41).
+pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IP_DF: u16 = 0x4000;
 pub const IP_MF: u16 = 0x2000;
 pub const TCP_FIN: u8 = 0x01;
@@ -41,6 +47,162 @@ fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32
         u32::from(u16::from_be_bytes([o[0], o[1]])) + u32::from(u16::from_be_bytes([o[2], o[3]]))
     };
     words(src) + words(dst) + u32::from(proto) + len as u32
+}
+
+/// The pseudo-header sum of either family (RFC 793 / RFC 8200 section 8.1); both addresses must
+/// be of the same family.
+pub fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
+    let words = |addr: IpAddr| -> u32 {
+        let bytes = match addr {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        bytes
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum()
+    };
+    words(src) + words(dst) + u32::from(proto) + (len as u32 >> 16) + (len as u32 & 0xffff)
+}
+
+/// A TCP segment (20-byte header, no options) of either family with a correct checksum.
+pub fn tcp_segment_ip(src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut seg = Vec::with_capacity(20 + payload.len());
+    seg.extend_from_slice(&src.port().to_be_bytes());
+    seg.extend_from_slice(&dst.port().to_be_bytes());
+    seg.extend_from_slice(&1_000u32.to_be_bytes()); // seq
+    let ack = if flags & TCP_ACK != 0 { 2_000u32 } else { 0 };
+    seg.extend_from_slice(&ack.to_be_bytes());
+    seg.push(5 << 4);
+    seg.push(flags);
+    seg.extend_from_slice(&64_240u16.to_be_bytes());
+    seg.extend_from_slice(&[0, 0, 0, 0]);
+    seg.extend_from_slice(payload);
+    let csum = internet_checksum(pseudo_sum(src.ip(), dst.ip(), IPPROTO_TCP, seg.len()), &seg);
+    seg[16..18].copy_from_slice(&csum.to_be_bytes());
+    seg
+}
+
+/// A UDP datagram of either family with a correct checksum.
+pub fn udp_datagram_ip(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let len = UDP_HLEN + payload.len();
+    let mut dgram = Vec::with_capacity(len);
+    dgram.extend_from_slice(&src.port().to_be_bytes());
+    dgram.extend_from_slice(&dst.port().to_be_bytes());
+    dgram.extend_from_slice(&(len as u16).to_be_bytes());
+    dgram.extend_from_slice(&[0, 0]);
+    dgram.extend_from_slice(payload);
+    let csum = match internet_checksum(pseudo_sum(src.ip(), dst.ip(), IPPROTO_UDP, len), &dgram) {
+        0 => 0xffff,
+        c => c,
+    };
+    dgram[6..8].copy_from_slice(&csum.to_be_bytes());
+    dgram
+}
+
+/// An ICMP (IPv4) message `type`, `code`, the 4 bytes `rest` and `body`, checksum filled in.
+pub fn icmp_message(kind: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut msg = vec![kind, code, 0, 0];
+    msg.extend_from_slice(&rest);
+    msg.extend_from_slice(body);
+    let csum = internet_checksum(0, &msg);
+    msg[2..4].copy_from_slice(&csum.to_be_bytes());
+    msg
+}
+
+/// An ICMPv6 message from `src` to `dst`, checksum (with the pseudo header) filled in.
+pub fn icmpv6_message(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    kind: u8,
+    code: u8,
+    rest: [u8; 4],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut msg = vec![kind, code, 0, 0];
+    msg.extend_from_slice(&rest);
+    msg.extend_from_slice(body);
+    let sum = pseudo_sum(src.into(), dst.into(), IPPROTO_ICMPV6, msg.len());
+    let csum = internet_checksum(sum, &msg);
+    msg[2..4].copy_from_slice(&csum.to_be_bytes());
+    msg
+}
+
+/// Fields of an IPv6 header to build; `Ipv6::new` gives sane defaults.
+#[derive(Clone, Debug)]
+pub struct Ipv6 {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub next_header: u8,
+    pub traffic_class: u8,
+    /// 20 bits.
+    pub flow_label: u32,
+    pub hop_limit: u8,
+}
+
+impl Ipv6 {
+    pub fn new(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8) -> Self {
+        Self {
+            src,
+            dst,
+            next_header,
+            traffic_class: 0,
+            flow_label: 0,
+            hop_limit: 64,
+        }
+    }
+
+    /// The 40-byte header for `payload_len` bytes of payload.
+    pub fn header(&self, payload_len: usize) -> Vec<u8> {
+        let first =
+            (6u32 << 28) | (u32::from(self.traffic_class) << 20) | (self.flow_label & 0xf_ffff);
+        let mut h = Vec::with_capacity(IPV6_HLEN);
+        h.extend_from_slice(&first.to_be_bytes());
+        h.extend_from_slice(&(payload_len as u16).to_be_bytes());
+        h.push(self.next_header);
+        h.push(self.hop_limit);
+        h.extend_from_slice(&self.src.octets());
+        h.extend_from_slice(&self.dst.octets());
+        h
+    }
+
+    /// Header followed by `payload`.
+    pub fn packet(&self, payload: &[u8]) -> Vec<u8> {
+        let mut pkt = self.header(payload.len());
+        pkt.extend_from_slice(payload);
+        pkt
+    }
+}
+
+/// A client's TCP frame of either family to the gateway (traffic class / TOS 0).
+pub fn tcp_frame_ip(src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let seg = tcp_segment_ip(src, dst, flags, payload);
+    ip_frame(src.ip(), dst.ip(), IPPROTO_TCP, &seg)
+}
+
+/// A client's UDP frame of either family to the gateway.
+pub fn udp_frame_ip(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let dgram = udp_datagram_ip(src, dst, payload);
+    ip_frame(src.ip(), dst.ip(), IPPROTO_UDP, &dgram)
+}
+
+/// An IPv4 (DF, TTL 64) or IPv6 (hop limit 64) packet around `payload` in a client frame.
+pub fn ip_frame(src: IpAddr, dst: IpAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ethernet(
+            GATEWAY_MAC,
+            CLIENT_MAC,
+            ETH_P_IP,
+            &Ipv4::new(s, d, proto).packet(payload),
+        ),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ethernet(
+            GATEWAY_MAC,
+            CLIENT_MAC,
+            ETH_P_IPV6,
+            &Ipv6::new(s, d, proto).packet(payload),
+        ),
+        _ => panic!("ip_frame: {src} and {dst} are of different families"),
+    }
 }
 
 /// A TCP segment (20-byte header, no options) with a correct checksum.

@@ -16,7 +16,8 @@ use aya::{
 };
 use lb_common::{
     Counter, FlowKey, FlowValue, TrafficCounters,
-    keys::{FLOW_F_CLOSED, PROTO_UDP},
+    config::CFG_F_ECHO_REPLY,
+    keys::{FLOW_F_CLOSED, PROTO_UDP, ip_from_wire},
     maps,
     stats::COUNTER_COUNT,
 };
@@ -108,11 +109,11 @@ impl Tally {
         self.by_class[class.index()]
     }
 
-    /// Classes no frame reached.
+    /// Reachable classes no frame reached.
     pub fn missing(&self) -> Vec<Class> {
         Class::all()
             .into_iter()
-            .filter(|c| self.count(*c) == 0)
+            .filter(|c| c.reachable() && self.count(*c) == 0)
             .collect()
     }
 
@@ -257,7 +258,7 @@ impl Campaign {
             ));
         }
         if let Some(want) = &expected.output {
-            compare_output(output, want, class)?;
+            compare_output(bytes, output, want, class)?;
         }
         let after = self
             .read_counters()
@@ -378,6 +379,13 @@ impl Campaign {
         self.oracle.flows.clear();
         self.touched.clear();
         self.tally.checkpoints += 1;
+        // Echo replies on in every other stretch of the campaign, off in the rest.
+        self.oracle.echo_reply = !self.oracle.echo_reply;
+        self.lb.set_flags(if self.oracle.echo_reply {
+            CFG_F_ECHO_REPLY
+        } else {
+            0
+        });
 
         let vip = self.lb.traffic(maps::VIP_STATS, VIP_ID);
         if vip != self.vip_traffic {
@@ -404,8 +412,8 @@ fn add_traffic(counters: &mut TrafficCounters, bytes: u64, new_flow: bool) {
     counters.new_flows += u64::from(new_flow);
 }
 
-/// The output must be exactly `want`; on a difference, says where and what.
-fn compare_output(output: &[u8], want: &[u8], class: Class) -> Result<(), String> {
+/// The output (of `input`) must be exactly `want`; on a difference, says where and what.
+fn compare_output(input: &[u8], output: &[u8], want: &[u8], class: Class) -> Result<(), String> {
     if output == want {
         return Ok(());
     }
@@ -414,10 +422,12 @@ fn compare_output(output: &[u8], want: &[u8], class: Class) -> Result<(), String
         .zip(want)
         .position(|(a, b)| a != b)
         .unwrap_or(output.len().min(want.len()));
-    let region = match (class, at) {
-        (Class::Tx | Class::Redirect, 0..ETH_HLEN) => "Ethernet header",
-        (Class::Tx | Class::Redirect, at) if at < ETH_HLEN + IPV4_HLEN => "outer IPv4 header",
-        (Class::Tx | Class::Redirect, _) => "inner packet",
+    let outer_end = want.len().saturating_sub(input.len()) + ETH_HLEN;
+    let region = match at {
+        0..ETH_HLEN if class.action() != crate::bpf::XDP_PASS => "Ethernet header",
+        at if class.forwarded() && at < outer_end => "outer headers",
+        _ if class.forwarded() => "inner packet",
+        _ if class == Class::EchoReply => "echo reply",
         _ => "passed frame",
     };
     Err(format!(
@@ -460,6 +470,9 @@ fn counter_name(index: u32) -> String {
         Counter::NewFlows,
         Counter::FlowHits,
         Counter::FlowMisses,
+        Counter::IcmpForwarded,
+        Counter::EchoReplies,
+        Counter::TooBigReplies,
     ];
     if let Some(c) = plain.iter().find(|c| **c as u32 == index) {
         return format!("{c:?}");
@@ -471,13 +484,13 @@ fn counter_name(index: u32) -> String {
 }
 
 fn describe_key(key: &FlowKey) -> String {
-    let addr = |w: u32| std::net::Ipv4Addr::from(w.to_ne_bytes());
+    let addr = |w| ip_from_wire(w, key.family).map_or_else(|| format!("{w:x?}"), |a| a.to_string());
     let proto = if key.proto == PROTO_UDP { "udp" } else { "tcp" };
     format!(
         "{}:{} -> {}:{}/{proto}",
-        addr(key.src[0]),
+        addr(key.src),
         u16::from_be(key.sport),
-        addr(key.dst[0]),
+        addr(key.dst),
         u16::from_be(key.dport)
     )
 }
