@@ -164,15 +164,22 @@ fn lbctl_cases(v0: &str, b1: &str, files: &TempFiles) -> Vec<LbctlCase> {
             &["0.0.0.0", "cannot be a VIP"],
         ),
         case(
-            &["vip", "add", "[2001:db8::1]:80/tcp"],
-            &["2001:db8::1", "not supported"],
+            &["vip", "add", "[ff02::1]:80/tcp"],
+            &["ff02::1", "cannot be a VIP"],
+        ),
+        case(
+            &["vip", "add", "[2001:db8::1]:80/tcp", "--encap", "vxlan"],
+            &["vxlan"],
         ),
         case(&["backend", "add", v0, "10.10.0.999"], &["10.10.0.999"]),
         case(
             &["backend", "add", v0, "224.0.0.1"],
             &["224.0.0.1", "cannot be a backend"],
         ),
-        case(&["backend", "add", v0, "fd00::1"], &["fd00::1"]),
+        case(
+            &["backend", "add", v0, "::"],
+            &["::", "cannot be a backend"],
+        ),
         // Duplicates and unknowns.
         case(&["vip", "add", v0], &[v0, "already exists"]),
         case(&["backend", "add", v0, b1], &[b1, "already exists"]),
