@@ -223,11 +223,11 @@ fn parse_v6(ctx: &XdpContext) -> Parsed {
     let Some(ip) = words_at::<{ IPV6_HLEN / 2 }>(ctx, ETH_HLEN) else {
         return Parsed::NotIp;
     };
-    let src = addr6(ip, 4);
-    let dst = addr6(ip, 12);
+    // The addresses are assembled only where a result needs them, so their eight words are not
+    // live across the checks (register pressure here spills on the IPv4 path too).
     let malformed = |reason| Parsed::Malformed {
-        src,
-        dst,
+        src: addr6(ip, 4),
+        dst: addr6(ip, 12),
         family: FAMILY_V6,
         reason,
     };
@@ -250,15 +250,18 @@ fn parse_v6(ctx: &XdpContext) -> Parsed {
     };
     match next {
         PROTO_ICMPV6 => Parsed::Icmp(Icmp {
-            src,
-            dst,
+            src: addr6(ip, 4),
+            dst: addr6(ip, 12),
             ip: info,
             payload_len,
         }),
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => malformed(DropReason::IpOptions),
         NEXTHDR_FRAGMENT => malformed(DropReason::Fragment),
         _ => match check_l4::<{ ETH_HLEN + IPV6_HLEN }>(ctx, next, payload_len) {
-            Ok(l4) => Parsed::Packet(packet(ctx, src, dst, FAMILY_V6, next, l4, info)),
+            Ok(l4) => {
+                let (src, dst) = (addr6(ip, 4), addr6(ip, 12));
+                Parsed::Packet(packet(ctx, src, dst, FAMILY_V6, next, l4, info))
+            }
             Err(reason) => malformed(reason),
         },
     }

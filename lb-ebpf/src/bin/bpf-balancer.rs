@@ -33,6 +33,9 @@ use lb_ebpf::{
 };
 
 #[xdp]
+// Into the exported entry the macro wraps it in: LLVM stopped inlining it once the program grew
+// (IPv6, ICMP), leaving a BPF-to-BPF call on every packet.
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match try_lb(&ctx) {
         Ok(action) => action,
