@@ -211,6 +211,21 @@ fn back_to_sender(eth: &[u16; ETH_HLEN / 2], ether_type: u16) -> [u16; ETH_HLEN 
     ]
 }
 
+/// Grows the frame by `GROW` bytes at the front, then cuts it to `FRAME` bytes in all.
+#[inline(always)]
+fn reshape<const GROW: usize, const FRAME: usize>(ctx: &XdpContext) -> Result<(), DropReason> {
+    // SAFETY: the helpers only move ctx->data / data_end; they take the program's own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return Err(DropReason::TooBig);
+    }
+    let len = ctx.data_end() - ctx.data();
+    // SAFETY: as above.
+    if len < FRAME || unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - FRAME) as i32)) } != 0 {
+        return Err(DropReason::TooBig);
+    }
+    Ok(())
+}
+
 #[inline(always)]
 fn too_big_v4(ctx: &XdpContext, mtu: u32) -> Result<(), DropReason> {
     const GROW: usize = IPV4_HLEN + ICMP_HLEN;
@@ -219,15 +234,7 @@ fn too_big_v4(ctx: &XdpContext, mtu: u32) -> Result<(), DropReason> {
     let failed = DropReason::TooBig;
     let eth = *words_at::<{ ETH_HLEN / 2 }>(ctx, 0).ok_or(failed)?;
     let quote = *words_at::<{ QUOTE / 2 }>(ctx, ETH_HLEN).ok_or(failed)?;
-    // SAFETY: the helpers only move ctx->data / data_end; they take the program's own context.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
-        return Err(failed);
-    }
-    let len = ctx.data_end() - ctx.data();
-    // SAFETY: as above.
-    if len < FRAME || unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - FRAME) as i32)) } != 0 {
-        return Err(failed);
-    }
+    reshape::<GROW, FRAME>(ctx)?;
     let mut ip: [u16; IPV4_HLEN / 2] = [
         u16::from_ne_bytes([0x45, 0]),
         ((GROW + QUOTE) as u16).to_be(),
@@ -263,15 +270,7 @@ fn too_big_v6(ctx: &XdpContext, mtu: u32) -> Result<(), DropReason> {
     let failed = DropReason::TooBig;
     let eth = *words_at::<{ ETH_HLEN / 2 }>(ctx, 0).ok_or(failed)?;
     let quote = *words_at::<{ QUOTE / 2 }>(ctx, ETH_HLEN).ok_or(failed)?;
-    // SAFETY: as in `too_big_v4`.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
-        return Err(failed);
-    }
-    let len = ctx.data_end() - ctx.data();
-    // SAFETY: as above.
-    if len < FRAME || unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - FRAME) as i32)) } != 0 {
-        return Err(failed);
-    }
+    reshape::<GROW, FRAME>(ctx)?;
     let packet: &[u16; IPV6_HLEN / 2] = quote.first_chunk().ok_or(failed)?;
     let (vip, client) = (addr6(packet, 12), addr6(packet, 4));
     let ip = crate::encap::ipv6_words(6 << 28, PAYLOAD, PROTO_ICMPV6, REPLY_TTL, &vip, &client);

@@ -11,8 +11,8 @@ use aya::{
 };
 use lb_common::{
     BackendSlot, FlowKey, FlowValue, GlobalConfig, GuardState, TrafficCounters, VipKey, VipMeta,
-    hash::{encap_entropy, flow_hash},
-    keys::{ENCAP_IPIP, FAMILY_V4, FAMILY_V6, SLOT_ACTIVE, wire_addr},
+    hash::{encap_entropy, flow_hash, flow_label, gue_source_port},
+    keys::{ENCAP_GUE, ENCAP_IPIP, FAMILY_V4, FAMILY_V6, SLOT_ACTIVE, wire_addr},
     maps,
     stats::COUNTER_COUNT,
 };
@@ -141,6 +141,53 @@ pub fn check_encapsulated(input: &[u8], output: &[u8], slot: &BackendSlot, key: 
         &input[ETH_HLEN..],
         "inner packet byte-identical"
     );
+}
+
+/// What `lb_xdp` must make of `frame` (untagged, no padding) toward `slot`, built from the
+/// contract rather than the program: Ethernet from the slot; outer IPv4 (0x45, TOS copied, id
+/// 0, DF, TTL 64, protocol 4/41/17, source prefix | masked entropy) or IPv6 (traffic class
+/// copied, flow label from the entropy, next header 4/41/17, hop limit 64, source word 3 |
+/// masked entropy); for GUE a UDP header (entropy port, the slot's port, checksum 0); then the
+/// frame's IP packet. `key` is the flow the entropy comes from, `tos` the inner TOS or class.
+pub fn expected_encap(frame: &[u8], slot: &BackendSlot, key: &FlowKey, tos: u8) -> Vec<u8> {
+    let inner = &frame[ETH_HLEN..];
+    let inner_v4 = frame[12..14] == ETH_P_IP.to_be_bytes();
+    let entropy = encap_entropy(key);
+    let mut body = Vec::new();
+    let proto = if slot.encap == ENCAP_GUE {
+        body.extend_from_slice(&gue_source_port(entropy).to_be_bytes());
+        body.extend_from_slice(&u16::from_be(slot.encap_port).to_be_bytes());
+        body.extend_from_slice(&u16::try_from(inner.len() + 8).expect("fits").to_be_bytes());
+        body.extend_from_slice(&[0, 0]);
+        packet::IPPROTO_UDP
+    } else if inner_v4 {
+        IPPROTO_IPIP
+    } else {
+        packet::IPPROTO_IPV6
+    };
+    body.extend_from_slice(inner);
+    match lb_common::keys::ip_from_wire(slot.addr, slot.family).expect("slot address") {
+        IpAddr::V4(dst) => {
+            let src =
+                Ipv4Addr::from((wire(ENCAP_SRC) | (entropy & wire(ENCAP_MASK))).to_ne_bytes());
+            let mut ip = packet::Ipv4::new(src, dst, proto);
+            ip.tos = tos;
+            ip.id = 0;
+            ip.frag = IP_DF;
+            ip.ttl = 64;
+            packet::ethernet(slot.dst_mac, slot.src_mac, ETH_P_IP, &ip.packet(&body))
+        }
+        IpAddr::V6(dst) => {
+            let mut src = ENCAP_SRC_V6.octets();
+            let word = u32::from_ne_bytes(src[12..16].try_into().expect("4 bytes"))
+                | (entropy & u32::from_ne_bytes(ENCAP_MASK_V6));
+            src[12..16].copy_from_slice(&word.to_ne_bytes());
+            let mut ip = packet::Ipv6::new(Ipv6Addr::from(src), dst, proto);
+            ip.traffic_class = tos;
+            ip.flow_label = flow_label(entropy);
+            packet::ethernet(slot.dst_mac, slot.src_mac, packet::ETH_P_IPV6, &ip.packet(&body))
+        }
+    }
 }
 
 /// The balancer object with its maps, filled by the test.

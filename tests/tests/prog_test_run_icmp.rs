@@ -8,22 +8,18 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use lb_common::{
-    BackendSlot, Counter, DropReason, FlowKey, FlowValue,
+    BackendSlot, Counter, DropReason, FlowValue,
     config::{CFG_F_ECHO_REPLY, CFG_F_TOO_BIG_REPLY},
-    hash::{encap_entropy, flow_label, gue_source_port},
     keys::{ENCAP_GUE, PROTO_TCP, PROTO_UDP},
 };
 use lb_tests::{
-    balancer::{
-        ENCAP_MASK, ENCAP_MASK_V6, ENCAP_SRC, ENCAP_SRC_V6, Lb, VIP, VIP6, backend, backend_v6,
-        flow_key_ip, wire,
-    },
+    balancer::{Lb, VIP, VIP6, backend, backend_v6, expected_encap, flow_key_ip},
     bpf::{self, TEST_RUN_IFINDEX, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     netns::Netns,
     packet::{
-        self, CLIENT_MAC, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, GATEWAY_MAC, IP_DF, IPPROTO_ICMP,
-        IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN,
-        Ipv4, Ipv6, TCP_ACK, TCP_SYN, internet_checksum, pseudo_sum,
+        self, CLIENT_MAC, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, GATEWAY_MAC, IPPROTO_ICMP,
+        IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, Ipv4, Ipv6, TCP_ACK,
+        TCP_SYN, internet_checksum, pseudo_sum,
     },
 };
 
@@ -198,47 +194,6 @@ fn frag_needed(quote: &[u8]) -> Vec<u8> {
 fn too_big6(quote: &[u8]) -> Vec<u8> {
     let msg = packet::icmpv6_message(ROUTER6, VIP6, 2, 0, 1280u32.to_be_bytes(), quote);
     icmp6_frame(ROUTER6, VIP6, 0xc0, &msg)
-}
-
-/// `frame` encapsulated toward `slot` with the client's flow `key` (see `prog_test_run_v6`).
-fn expected_encap(frame: &[u8], slot: &BackendSlot, key: &FlowKey, tos: u8) -> Vec<u8> {
-    let inner = &frame[ETH_HLEN..];
-    let inner_v4 = frame[12..14] == ETH_P_IP.to_be_bytes();
-    let entropy = encap_entropy(key);
-    let mut body = Vec::new();
-    let proto = if slot.encap == ENCAP_GUE {
-        body.extend_from_slice(&gue_source_port(entropy).to_be_bytes());
-        body.extend_from_slice(&GUE_PORT.to_be_bytes());
-        body.extend_from_slice(&((inner.len() + 8) as u16).to_be_bytes());
-        body.extend_from_slice(&[0, 0]);
-        IPPROTO_UDP
-    } else if inner_v4 {
-        IPPROTO_IPIP
-    } else {
-        IPPROTO_IPV6
-    };
-    body.extend_from_slice(inner);
-    match lb_common::keys::ip_from_wire(slot.addr, slot.family).expect("slot address") {
-        IpAddr::V4(dst) => {
-            let src =
-                Ipv4Addr::from((wire(ENCAP_SRC) | (entropy & wire(ENCAP_MASK))).to_ne_bytes());
-            let mut ip = Ipv4::new(src, dst, proto);
-            ip.tos = tos;
-            ip.id = 0;
-            ip.frag = IP_DF;
-            packet::ethernet(slot.dst_mac, slot.src_mac, ETH_P_IP, &ip.packet(&body))
-        }
-        IpAddr::V6(dst) => {
-            let mut src = ENCAP_SRC_V6.octets();
-            let word = u32::from_ne_bytes(src[12..16].try_into().unwrap())
-                | (entropy & u32::from_ne_bytes(ENCAP_MASK_V6));
-            src[12..16].copy_from_slice(&word.to_ne_bytes());
-            let mut ip = Ipv6::new(Ipv6Addr::from(src), dst, proto);
-            ip.traffic_class = tos;
-            ip.flow_label = flow_label(entropy);
-            packet::ethernet(slot.dst_mac, slot.src_mac, ETH_P_IPV6, &ip.packet(&body))
-        }
-    }
 }
 
 fn gue6(index: u32, ifindex: u32) -> BackendSlot {

@@ -6,19 +6,19 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use lb_common::{
-    BackendSlot, Counter, DropReason, FlowKey,
+    BackendSlot, Counter, DropReason,
     hash::{encap_entropy, flow_label, gue_source_port},
     keys::{ENCAP_GUE, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, wire_addr},
 };
 use lb_tests::{
     balancer::{
-        ENCAP_MASK, ENCAP_MASK_V6, ENCAP_SRC, ENCAP_SRC_V6, Lb, VIP, VIP6, backend, backend_v6,
-        flow_key_ip, wire,
+        ENCAP_MASK_V6, ENCAP_SRC_V6, Lb, VIP, VIP6, backend, backend_v6, expected_encap,
+        flow_key_ip,
     },
     bpf::{self, TEST_RUN_IFINDEX, XDP_DROP, XDP_PASS, XDP_TX},
     packet::{
-        self, CLIENT_MAC, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, GATEWAY_MAC, IP_DF, IPPROTO_IPIP,
-        IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN, Ipv4, Ipv6, TCP_ACK, TCP_SYN,
+        self, CLIENT_MAC, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, GATEWAY_MAC, IPPROTO_IPIP, IPPROTO_IPV6,
+        IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN, Ipv4, Ipv6, TCP_ACK, TCP_SYN,
     },
 };
 
@@ -73,53 +73,6 @@ fn counted(items: &[Counter]) -> Vec<(u32, u64)> {
 
 fn dropped(reason: DropReason) -> Vec<(u32, u64)> {
     vec![(Counter::Drop as u32, 1), (reason.counter_index(), 1)]
-}
-
-/// The frame `frame` (untagged, no padding) must become toward `slot`, from the contract:
-/// Ethernet from the slot; outer IPv4 (0x45, TOS copied, id 0, DF, TTL 64, proto 4/41/17,
-/// source prefix | masked entropy) or IPv6 (traffic class copied, flow label from the
-/// entropy, next header 4/41/17, hop limit 64, source word 3 | masked entropy); for GUE a UDP
-/// header (entropy port, the slot's port, checksum 0); then the frame's IP packet.
-fn expected_encap(frame: &[u8], slot: &BackendSlot, key: &FlowKey, tos: u8) -> Vec<u8> {
-    let inner = &frame[ETH_HLEN..];
-    let inner_v4 = frame[12..14] == ETH_P_IP.to_be_bytes();
-    let entropy = encap_entropy(key);
-    let mut body = Vec::new();
-    let proto = if slot.encap == ENCAP_GUE {
-        body.extend_from_slice(&gue_source_port(entropy).to_be_bytes());
-        body.extend_from_slice(&GUE_PORT.to_be_bytes());
-        body.extend_from_slice(&((inner.len() + 8) as u16).to_be_bytes());
-        body.extend_from_slice(&[0, 0]);
-        IPPROTO_UDP
-    } else if inner_v4 {
-        IPPROTO_IPIP
-    } else {
-        IPPROTO_IPV6
-    };
-    body.extend_from_slice(inner);
-    let dst = lb_common::keys::ip_from_wire(slot.addr, slot.family).expect("slot address");
-    match dst {
-        IpAddr::V4(dst) => {
-            let src =
-                Ipv4Addr::from((wire(ENCAP_SRC) | (entropy & wire(ENCAP_MASK))).to_ne_bytes());
-            let mut ip = Ipv4::new(src, dst, proto);
-            ip.tos = tos;
-            ip.id = 0;
-            ip.frag = IP_DF;
-            ip.ttl = 64;
-            packet::ethernet(slot.dst_mac, slot.src_mac, ETH_P_IP, &ip.packet(&body))
-        }
-        IpAddr::V6(dst) => {
-            let mut src = ENCAP_SRC_V6.octets();
-            let word = u32::from_ne_bytes(src[12..16].try_into().unwrap())
-                | (entropy & u32::from_ne_bytes(ENCAP_MASK_V6));
-            src[12..16].copy_from_slice(&word.to_ne_bytes());
-            let mut ip = Ipv6::new(Ipv6Addr::from(src), dst, proto);
-            ip.traffic_class = tos;
-            ip.flow_label = flow_label(entropy);
-            packet::ethernet(slot.dst_mac, slot.src_mac, ETH_P_IPV6, &ip.packet(&body))
-        }
-    }
 }
 
 /// A TCP frame of either family with TOS / traffic class `tos`.
