@@ -185,7 +185,12 @@ pub fn expected_encap(frame: &[u8], slot: &BackendSlot, key: &FlowKey, tos: u8) 
             let mut ip = packet::Ipv6::new(Ipv6Addr::from(src), dst, proto);
             ip.traffic_class = tos;
             ip.flow_label = flow_label(entropy);
-            packet::ethernet(slot.dst_mac, slot.src_mac, packet::ETH_P_IPV6, &ip.packet(&body))
+            packet::ethernet(
+                slot.dst_mac,
+                slot.src_mac,
+                packet::ETH_P_IPV6,
+                &ip.packet(&body),
+            )
         }
     }
 }
