@@ -31,7 +31,7 @@ echo "lbvm: kernel $(uname -r) up after ${up}s; $(nproc) CPUs, $(awk '/MemTotal/
 
 # Loaded up front so a missing module shows here, not as a confusing test failure; request_module
 # would also find them through the host's modprobe.
-for module in veth ipip sch_ingress cls_bpf bridge; do
+for module in veth ipip ip6_tunnel fou fou6 sch_ingress cls_bpf bridge; do
     modprobe "$module" || echo "lbvm: modprobe $module failed"
 done
 ip link set lo up

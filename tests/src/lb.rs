@@ -35,7 +35,7 @@ use crate::{
     lbctl::{Lbctl, run_bounded},
     netns::{
         Netns,
-        topology::{IpipDevice, KernelIpip, Topology, TopologyBuilder},
+        topology::{KernelIpip, KernelTunnel, Topology, TopologyBuilder},
     },
     traffic::Server,
 };
@@ -695,12 +695,12 @@ fn mode_name(mode: AttachMode) -> &'static str {
     }
 }
 
-/// Backend-side programs for a topology: `lb_decap` on every backend (or the kernel's ipip
+/// Backend-side programs for a topology: `lb_decap` on every backend (or the kernel's tunnel
 /// device, [`DataPath::attach_with`]) and, in native mode, `xdp_pass` on the switch-side peers
 /// the gateways transmit or redirect into.
 pub struct DataPath {
     _handles: Vec<DecapHandle>,
-    /// Kernel ipip devices instead of `lb_decap` ([`DataPath::attach_with`]).
+    /// Kernel tunnel devices instead of `lb_decap` ([`DataPath::attach_with`]).
     _tunnels: Vec<KernelIpip>,
 }
 
@@ -996,9 +996,10 @@ impl Lbd<'_> {
     }
 }
 
-// ---- Backends decapsulating with the kernel's ipip device (issue 8) ----------------------
-// The default stays `lb_decap`; kernel_tunnel.rs asks for the kernel's own device, to show
-// that what lb_xdp sends is what a stock Linux backend accepts.
+// ---- Backends decapsulating with the kernel's own tunnel devices (issues 8 and 9) ---------
+// The default stays `lb_decap`; kernel_tunnel.rs asks for the kernel's own devices (ipip,
+// ip6tnl, fou in GUE mode), to show that what lb_xdp sends is what a stock Linux backend
+// accepts.
 
 /// How the backends take the tunnel off.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1008,15 +1009,16 @@ pub enum BackendDecap {
     LbDecap,
     /// `lb_decap` taking GUE on this UDP port instead of the default (and IPIP).
     LbDecapGue(u16),
-    /// The kernel's own ipip device ([`IpipDevice`]) and no XDP program on the backends.
-    KernelIpip(IpipDevice),
+    /// The kernel's own tunnel devices ([`KernelTunnel`]: ipip, ip6tnl, fou) and no XDP
+    /// program on the backends.
+    Kernel(KernelTunnel),
 }
 
 impl DataPath {
     /// [`DataPath::attach`] with backends that decapsulate as `decap` says; `vips` only matter
-    /// to `lb_decap` (the kernel device takes any IPIP addressed to the backend, and the VIPs
-    /// are on the backends' `lo` already). `xdp_pass` goes on the gateways' peers in native
-    /// mode either way.
+    /// to `lb_decap` (the kernel device takes any tunnel packet addressed to the backend, and
+    /// the VIPs are on the backends' `lo` already). `xdp_pass` goes on the gateways' peers in
+    /// native mode either way.
     pub fn attach_with(
         topo: &Topology,
         mode: AttachMode,
@@ -1026,8 +1028,8 @@ impl DataPath {
         match decap {
             BackendDecap::LbDecap => Self::attach(topo, mode, vips),
             BackendDecap::LbDecapGue(port) => Self::attach_lb_decap(topo, mode, vips, Some(port)),
-            BackendDecap::KernelIpip(kind) => {
-                let tunnels = topo.add_kernel_ipip(kind)?;
+            BackendDecap::Kernel(tunnel) => {
+                let tunnels = topo.add_kernel_tunnel(tunnel)?;
                 let handles = attach_peer_pass(topo, mode)?.into_iter().collect();
                 Ok(Self {
                     _handles: handles,

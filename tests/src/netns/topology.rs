@@ -629,115 +629,231 @@ fn route_line(dst: &str, vias: &[IpAddr], dev: &str, verb: &str) -> String {
     line
 }
 
-// ---- Kernel ipip decapsulation on the backends (issue 8) ---------------------------------
-// Backends that take the tunnel off with the kernel's own ipip device instead of `lb_decap`,
-// as a stock Linux backend does. The kernel hands an IPIP packet addressed to a local address
-// to the first *up* tunnel that matches, in this order: remote and local equal to the outer
-// source and destination; remote only; local only (remote any); a key-less wildcard tunnel;
-// the collect-metadata (`external`) device; the fallback `tunl0`. The decapsulated packet
-// then enters the stack again as if received on that device, so the VIP on `lo` takes it.
+// ---- Kernel tunnel decapsulation on the backends (issues 8 and 9) -----------------------
+// Backends that take the tunnel off with the kernel's own devices instead of `lb_decap`, as a
+// stock Linux backend does. The kernel hands an IPIP packet addressed to a local address to the
+// first *up* tunnel that matches, in this order: remote and local equal to the outer source and
+// destination; remote only; local only (remote any); a key-less wildcard tunnel; the
+// collect-metadata (`external`) device; the fallback (`tunl0`, `ip6tnl0`, which stay down).
+// ip6tnl does the same for an IPv6 outer header, and takes IPv4 (next header 4) as well as IPv6
+// (41) inside in `mode any`. GUE goes through fou first: its UDP socket strips the outer UDP
+// header (variant 1: the payload is the IP packet) and hands the rest to the IPIP handler of the
+// outer family, so to the same devices. The decapsulated packet then enters the stack again as
+// if received on that device, so the VIP on `lo` takes it.
 
-/// The ipip device every kernel-decapsulating backend gets.
+/// The device every kernel-decapsulating backend with an IPv4 outer header gets.
 pub const IPIP_DEV: &str = "ipip0";
+/// The device for an IPv6 outer header (not `ip6tnl0`: the module's own fallback device).
+pub const IP6TNL_DEV: &str = "ip6tun0";
 
-/// Which kernel ipip device a backend decapsulates with.
+/// How a kernel tunnel device matches the outer addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IpipDevice {
-    /// `ip link add ipip0 type ipip external`: the namespace's collect-metadata device, which
-    /// takes every IPIP packet to a local address that no more specific tunnel claims, from any
-    /// outer source (`lb_xdp` varies it per flow).
+    /// `type ipip external` / `type ip6tnl external`: the namespace's collect-metadata device,
+    /// which takes every tunnel packet to a local address that no more specific tunnel claims,
+    /// from any outer source (`lb_xdp` varies it per flow).
     External,
-    /// `ip link add ipip0 type ipip local <backend address> remote any`: a classic tunnel
-    /// bound to the backend's own address, taking IPIP from any source (the kernel's "remote
-    /// wildcard, local match" rule). Unlike `ip tunnel add`, it does not need `tunl0`.
+    /// `local <backend address> remote any`: a classic tunnel bound to the backend's own
+    /// address, taking tunnel packets from any source (the kernel's "remote wildcard, local
+    /// match" rule). Unlike `ip tunnel add`, it does not need the fallback device.
     AnyRemote,
 }
 
-impl IpipDevice {
-    /// The `ip` commands (batch lines, without the leading `ip`) that create the device for a
-    /// backend whose tunnel endpoint is `local`, and bring it up: the kernel skips a tunnel
-    /// that is down.
-    pub fn ip_lines(self, local: Ipv4Addr) -> Vec<String> {
-        let add = match self {
-            Self::External => format!("link add {IPIP_DEV} type ipip external"),
-            Self::AnyRemote => {
-                format!("link add {IPIP_DEV} type ipip local {local} remote any")
-            }
-        };
-        vec![add, format!("link set {IPIP_DEV} up")]
+/// The outer headers a kernel-decapsulating backend takes off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelEncap {
+    /// IPv4 outer header, protocol 4: an `ipip` device (IPv4 VIPs only).
+    Ipip4,
+    /// IPv6 outer header, next header 4 or 41: an `ip6tnl` device in `mode any`.
+    Ipip6,
+    /// IPv4 outer header and UDP to this port: `ip fou add port <port> gue`, then an `ipip`
+    /// device (IPv4 VIPs only).
+    Gue4(u16),
+    /// IPv6 outer header and UDP to this port: `ip fou add port <port> gue -6`, then an
+    /// `ip6tnl` device in `mode any`.
+    Gue6(u16),
+}
+
+impl KernelEncap {
+    /// Whether the outer header is IPv6 (lbd must then be given the backends' IPv6 addresses).
+    pub fn outer_v6(self) -> bool {
+        matches!(self, Self::Ipip6 | Self::Gue6(_))
+    }
+
+    /// The GUE port, for GUE.
+    pub fn gue_port(self) -> Option<u16> {
+        match self {
+            Self::Gue4(port) | Self::Gue6(port) => Some(port),
+            Self::Ipip4 | Self::Ipip6 => None,
+        }
     }
 }
 
-/// A kernel ipip device on a backend; dropping it deletes the device (the namespace going away
-/// does too).
+/// What a kernel-decapsulating backend is given: the outer headers it takes off, and how its
+/// tunnel device matches their addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelTunnel {
+    pub encap: KernelEncap,
+    pub device: IpipDevice,
+}
+
+impl KernelTunnel {
+    pub fn new(encap: KernelEncap, device: IpipDevice) -> Self {
+        Self { encap, device }
+    }
+
+    /// The tunnel device's name: [`IP6TNL_DEV`] for an IPv6 outer header, else [`IPIP_DEV`].
+    pub fn dev(self) -> &'static str {
+        if self.encap.outer_v6() {
+            IP6TNL_DEV
+        } else {
+            IPIP_DEV
+        }
+    }
+
+    /// The device's link kind, as `ip -d link` shows it.
+    fn link_kind(self) -> &'static str {
+        if self.encap.outer_v6() {
+            "ip6tnl"
+        } else {
+            "ipip"
+        }
+    }
+
+    /// The `ip` commands (batch lines, without the leading `ip`) that set a backend up whose
+    /// tunnel endpoint is `local` (IPv4) or `local6`: the fou socket for GUE, then the device,
+    /// brought up (the kernel skips a tunnel that is down).
+    pub fn ip_lines(self, local: Ipv4Addr, local6: Ipv6Addr) -> Vec<String> {
+        let dev = self.dev();
+        let mut lines = Vec::new();
+        match self.encap {
+            KernelEncap::Gue4(port) => lines.push(format!("fou add port {port} gue")),
+            KernelEncap::Gue6(port) => lines.push(format!("fou add port {port} gue -6")),
+            KernelEncap::Ipip4 | KernelEncap::Ipip6 => {}
+        }
+        let bound = match (self.device, self.encap.outer_v6()) {
+            (IpipDevice::External, _) => "external".to_owned(),
+            (IpipDevice::AnyRemote, false) => format!("local {local} remote any"),
+            (IpipDevice::AnyRemote, true) => format!("local {local6} remote any"),
+        };
+        // ip6tnl's own default would be ip6ip6 only; `any` takes IPv4 inside too.
+        let mode = if self.encap.outer_v6() {
+            " mode any"
+        } else {
+            ""
+        };
+        lines.push(format!(
+            "link add {dev} type {} {bound}{mode}",
+            self.link_kind()
+        ));
+        lines.push(format!("link set {dev} up"));
+        lines
+    }
+
+    /// The `ip` command (batch line) that removes the fou socket, for GUE.
+    fn fou_del_line(self) -> Option<String> {
+        match self.encap {
+            KernelEncap::Gue4(port) => Some(format!("fou del port {port}")),
+            KernelEncap::Gue6(port) => Some(format!("fou del port {port} -6")),
+            KernelEncap::Ipip4 | KernelEncap::Ipip6 => None,
+        }
+    }
+}
+
+/// A backend's kernel tunnel device (and fou socket); dropping it deletes them (the namespace
+/// going away does too).
 #[derive(Debug)]
 pub struct KernelIpip {
     /// The backend namespace's name (`ip -n`).
     ns: String,
-    pub kind: IpipDevice,
+    pub tunnel: KernelTunnel,
 }
 
 impl Drop for KernelIpip {
     fn drop(&mut self) {
-        let mut cmd = std::process::Command::new("ip");
-        cmd.args(["-n", &self.ns, "link", "del", "dev", IPIP_DEV]);
-        // Fails only when the namespace is already gone, which deleted the device too.
-        let _ = super::command_output(&mut cmd);
+        let mut lines = vec![vec![
+            "link".to_owned(),
+            "del".to_owned(),
+            "dev".to_owned(),
+            self.tunnel.dev().to_owned(),
+        ]];
+        if let Some(fou) = self.tunnel.fou_del_line() {
+            lines.push(fou.split(' ').map(str::to_owned).collect());
+        }
+        for args in lines {
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args(["-n", &self.ns]).args(&args);
+            // Fails only when the namespace is already gone, which deleted these too.
+            let _ = super::command_output(&mut cmd);
+        }
     }
 }
 
 impl Host {
-    /// Packets this backend's [`IPIP_DEV`] has received: IPIP packets the kernel decapsulated.
-    pub fn ipip_rx_packets(&self) -> Result<u64> {
-        let out = self.ns.ip(["-s", "-j", "link", "show", "dev", IPIP_DEV])?;
+    /// Packets the kernel tunnel device `dev` ([`KernelTunnel::dev`]) has received: tunnel
+    /// packets the kernel decapsulated.
+    pub fn tunnel_rx_packets(&self, dev: &str) -> Result<u64> {
+        let out = self.ns.ip(["-s", "-j", "link", "show", "dev", dev])?;
         let json: serde_json::Value = serde_json::from_str(&out)
-            .with_context(|| format!("`ip -s -j link show {IPIP_DEV}`: {out}"))?;
+            .with_context(|| format!("`ip -s -j link show {dev}`: {out}"))?;
         json.pointer("/0/stats64/rx/packets")
             .and_then(serde_json::Value::as_u64)
-            .with_context(|| format!("no rx packet count for {IPIP_DEV} in {out}"))
+            .with_context(|| format!("no rx packet count for {dev} in {out}"))
     }
 
-    /// Gives this backend a kernel ipip device of `kind` with its endpoint on eth0's address,
-    /// up, with the reverse-path filter off on it.
-    pub fn add_kernel_ipip(&self, kind: IpipDevice) -> Result<KernelIpip> {
+    /// Gives this backend the kernel tunnel `tunnel` with its endpoint on eth0's address (of
+    /// the outer family), up, with the reverse-path filter off on the device.
+    pub fn add_kernel_tunnel(&self, tunnel: KernelTunnel) -> Result<KernelIpip> {
         // The guard first, so a half-made device goes too.
         let device = KernelIpip {
             ns: self.ns.name().to_owned(),
-            kind,
+            tunnel,
         };
-        self.ns.ip_batch(&kind.ip_lines(self.ip()))?;
+        self.ns
+            .ip_batch(&tunnel.ip_lines(self.ip(), self.eth0.ip6))?;
         // The inner source (the client) routes back through eth0, not through the tunnel, so
-        // a strict reverse-path filter would drop every packet. The namespace's `all` and
+        // a strict reverse-path filter would drop every IPv4 packet. The namespace's `all` and
         // `default` are 0 already (host_ns); saying it on the device keeps it so regardless.
-        let rp_filter = format!("net.ipv4.conf.{IPIP_DEV}.rp_filter");
+        let rp_filter = format!("net.ipv4.conf.{}.rp_filter", tunnel.dev());
         self.ns.sysctls(&[(rp_filter.as_str(), "0")])?;
         Ok(device)
     }
 }
 
 impl Topology {
-    /// A kernel ipip device of `kind` on every backend ([`Host::add_kernel_ipip`]); the VIPs are
+    /// The kernel tunnel `tunnel` on every backend ([`Host::add_kernel_tunnel`]); the VIPs are
     /// on their `lo` already.
-    pub fn add_kernel_ipip(&self, kind: IpipDevice) -> Result<Vec<KernelIpip>> {
+    pub fn add_kernel_tunnel(&self, tunnel: KernelTunnel) -> Result<Vec<KernelIpip>> {
         self.backends
             .iter()
             .map(|b| {
-                b.add_kernel_ipip(kind)
-                    .map_err(|e| e.context(format!("kernel ipip device on {}", b.name)))
+                b.add_kernel_tunnel(tunnel)
+                    .map_err(|e| e.context(format!("kernel tunnel device on {}", b.name)))
             })
             .collect()
     }
 }
 
-/// Whether this kernel can create an ipip device of `kind`: tries in a scratch namespace. The
-/// error says why not (typically `Unknown device type`: no `CONFIG_NET_IPIP`, or the `ipip`
-/// module cannot be loaded).
-pub fn probe_kernel_ipip(kind: IpipDevice) -> Result<()> {
-    let ns = Netns::new("ipip-probe")?;
-    ns.ip_batch(&kind.ip_lines(Ipv4Addr::new(192, 0, 2, 1)))?;
-    let link = ns.ip(["-d", "link", "show", "dev", IPIP_DEV])?;
-    if !link.contains("ipip") {
-        bail!("{IPIP_DEV} was created but is not an ipip device: {link}");
+/// Whether this kernel can set up `tunnel`: tries in a scratch namespace. The error says why
+/// not (typically `Unknown device type`: no `CONFIG_NET_IPIP`/`CONFIG_IPV6_TUNNEL`, or the
+/// module cannot be loaded; or a fou error: no `CONFIG_NET_FOU`).
+pub fn probe_kernel_tunnel(tunnel: KernelTunnel) -> Result<()> {
+    let ns = Netns::new("ktun-probe")?;
+    let local6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+    ns.ip_batch(&tunnel.ip_lines(Ipv4Addr::new(192, 0, 2, 1), local6))?;
+    let dev = tunnel.dev();
+    let link = ns.ip(["-d", "link", "show", "dev", dev])?;
+    if !link.contains(tunnel.link_kind()) {
+        bail!(
+            "{dev} was created but is not an {} device: {link}",
+            tunnel.link_kind()
+        );
+    }
+    if let Some(port) = tunnel.encap.gue_port() {
+        let fou = ns.ip(["fou", "show"])?;
+        if !fou.contains(&format!("port {port} gue")) {
+            bail!("`ip fou show` has no GUE socket on port {port}: {fou}");
+        }
     }
     Ok(())
 }
