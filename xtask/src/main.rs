@@ -78,8 +78,8 @@ enum Cmd {
     /// existing /etc/lb/lb.toml or lbd.env is never overwritten). Safe to run again.
     Install(install::InstallArgs),
     /// Boot stock Debian kernels under qemu (TCG) and run the kernel-facing tests in each:
-    /// `prog_test_run` (the verifier and the programs) and `kernel_tunnel` (backends that
-    /// decapsulate with the kernel's ipip device). Installs qemu and kmod; kernels and the guest
+    /// the `prog_test_run*` tests (the verifier and the programs) and `kernel_tunnel` (backends
+    /// that decapsulate with the kernel's ipip, ip6tnl and fou devices). Installs qemu and kmod; kernels and the guest
     /// are cached in target/vm/.
     Vm(vm::VmArgs),
 }

@@ -25,7 +25,12 @@ use kernel::Kernel;
 use qemu::{Boot, Ending};
 
 /// The lb-tests test binaries run in every guest by default.
-const DEFAULT_TESTS: &[&str] = &["prog_test_run", "kernel_tunnel"];
+const DEFAULT_TESTS: &[&str] = &[
+    "prog_test_run",
+    "prog_test_run_v6",
+    "prog_test_run_icmp",
+    "kernel_tunnel",
+];
 /// Lines of the guest's console shown under a failed kernel.
 const TAIL_LINES: usize = 40;
 
@@ -33,12 +38,12 @@ const TAIL_LINES: usize = 40;
 pub struct VmArgs {
     /// A kernel to boot: a package (`linux-image-6.1.0-50-amd64`) or a version series (`6.6`, the
     /// newest generic amd64 image of it in the configured suites). Repeatable. Default: the
-    /// newest 5.10 (bullseye-security), 6.1 (bookworm), 6.12 (bookworm-backports) and 7.x
-    /// (trixie-backports).
+    /// newest 6.1 (bookworm), 6.12 (bookworm-backports) and 7.x (trixie-backports).
     #[arg(long = "kernel", value_name = "PKG")]
     kernels: Vec<String>,
-    /// An lb-tests test target to run in each guest. Repeatable. Default: `prog_test_run` and
-    /// `kernel_tunnel` (a default one not written yet is skipped with a note).
+    /// An lb-tests test target to run in each guest. Repeatable. Default: `prog_test_run`,
+    /// `prog_test_run_v6`, `prog_test_run_icmp` and `kernel_tunnel` (a default one not written
+    /// yet is skipped with a note).
     #[arg(long = "test", value_name = "NAME")]
     tests: Vec<String>,
     /// Hard limit per kernel, boot included, in seconds; qemu is killed when it passes.
