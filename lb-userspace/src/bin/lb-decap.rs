@@ -23,7 +23,8 @@ struct Args {
     /// A VIP address this backend serves (repeatable).
     #[arg(long = "vip", required = true)]
     vips: Vec<IpAddr>,
-    /// GUE packets to this UDP port are decapsulated too (the GUE port of lbd's settings); 0: IPIP only.
+    /// GUE packets to this UDP port are decapsulated too (the GUE port of lbd's settings);
+    /// 0: IPIP only.
     #[arg(long, value_name = "PORT", default_value_t = DEFAULT_GUE_PORT)]
     gue_port: u16,
     /// native, generic or auto.

@@ -1,6 +1,6 @@
 //! Backend-side programs: `lb_decap` strips the outer IPIP (or GUE) header of packets for the
-//! VIPs this host serves, and `xdp_pass` is the trivial program veth peers need before native `XDP_TX` or
-//! redirects into them work. Both stay attached while their handle lives.
+//! VIPs this host serves, and `xdp_pass` is the trivial program veth peers need before native
+//! `XDP_TX` or redirects into them work. Both stay attached while their handle lives.
 
 use std::net::IpAddr;
 
