@@ -33,7 +33,7 @@ use aya::{
 use lb_common::{BackendSlot, FlowKey, FlowValue, GlobalConfig, VipKey, VipMeta, maps};
 
 pub use self::upgrade::upgrade;
-pub use batch::update_entries;
+pub use batch::{sum_per_cpu_u64, update_entries};
 pub use counters::KernelCounters;
 pub use detach::Detached;
 

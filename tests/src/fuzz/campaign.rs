@@ -6,12 +6,12 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt::{self, Write as _},
     io,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
 };
 
 use aya::{
     TestRun as _, TestRunOptions,
-    maps::{HashMap as BpfHashMap, Map, MapData},
+    maps::{HashMap as BpfHashMap, Map},
     programs::Xdp,
 };
 use lb_common::{
@@ -21,6 +21,7 @@ use lb_common::{
     maps,
     stats::COUNTER_COUNT,
 };
+use lb_userspace::dataplane::kernel::sum_per_cpu_u64;
 
 use crate::{
     balancer::{Lb, TEST_TICK, VIP, VIP_ID},
@@ -300,18 +301,14 @@ impl Campaign {
         Ok(())
     }
 
-    /// Sums `LB_GLOBAL_STATS` over CPUs with one `BPF_MAP_LOOKUP_BATCH` (aya reads a per-CPU
-    /// array one key per syscall: 16 syscalls and about 25 µs per read, more than the test
-    /// run itself).
+    /// Sums `LB_GLOBAL_STATS` over CPUs with lbd's own batched read (key by key, a syscall per
+    /// counter, it took longer than the test run itself).
     fn read_counters(&self) -> io::Result<Vec<u64>> {
         let Some(Map::PerCpuArray(data)) = self.lb.ebpf.map(maps::GLOBAL_STATS) else {
             return Err(io::Error::other("LB_GLOBAL_STATS is not a per-CPU array"));
         };
-        let per_cpu = lookup_batch(data, COUNTER_COUNT as usize, self.ncpus)?;
-        Ok(per_cpu
-            .chunks(self.ncpus)
-            .map(|cpus| cpus.iter().sum())
-            .collect())
+        sum_per_cpu_u64(data.fd().as_fd(), COUNTER_COUNT, self.ncpus)
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 
     /// Compares the kernel's flow table and traffic counters with the oracle's, then empties
@@ -493,57 +490,6 @@ fn describe_key(key: &FlowKey) -> String {
         addr(key.dst),
         u16::from_be(key.dport)
     )
-}
-
-/// `BPF_MAP_LOOKUP_BATCH` of the first `count` keys of a per-CPU array of u64: `count * ncpus`
-/// values, key by key.
-fn lookup_batch(map: &MapData, count: usize, ncpus: usize) -> io::Result<Vec<u64>> {
-    /// The `batch` member of `union bpf_attr`.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    let mut keys = vec![0u32; count];
-    let mut values = vec![0u64; count * ncpus];
-    let mut out_batch = 0u32;
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: (&raw mut out_batch) as u64,
-        keys: keys.as_mut_ptr() as u64,
-        values: values.as_mut_ptr() as u64,
-        count: count as u32,
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: the attribute points at buffers sized for `count` keys (u32) and `count` per-CPU
-    // values (u64 per possible CPU), which outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_BATCH,
-            &raw mut attr,
-            size_of::<BatchAttr>(),
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if attr.count as usize != count {
-        return Err(io::Error::other(format!(
-            "batch lookup returned {} of {count} counters",
-            attr.count
-        )));
-    }
-    Ok(values)
 }
 
 /// How many bytes of a test-run frame `lb_xdp` sees. `BPF_PROG_TEST_RUN` puts at most a page

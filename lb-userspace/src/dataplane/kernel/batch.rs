@@ -89,7 +89,8 @@ fn syscall_error(call: &'static str) -> impl FnOnce(io::Error) -> SyscallError {
 type Token = [u8; 64];
 
 /// One `BPF_MAP_LOOKUP_BATCH` call: fills `keys` and `values` from `start` (the beginning when
-/// `None`) and returns how many it filled and whether the map is exhausted.
+/// `None`) and returns how many it filled and whether the map is exhausted. `values` holds one
+/// value per key, or for a per-CPU map one per possible CPU per key.
 fn lookup_batch<K: Pod, V: Pod>(
     fd: BorrowedFd<'_>,
     start: Option<&Token>,
@@ -97,7 +98,7 @@ fn lookup_batch<K: Pod, V: Pod>(
     keys: &mut [K],
     values: &mut [V],
 ) -> io::Result<(usize, bool)> {
-    debug_assert_eq!(keys.len(), values.len());
+    debug_assert!(!keys.is_empty() && values.len().is_multiple_of(keys.len()));
     let mut attr = BatchAttr {
         in_batch: start.map_or(0, |t| t.as_ptr() as u64),
         out_batch: next.as_mut_ptr() as u64,
@@ -300,6 +301,32 @@ pub(super) fn lookup_array<V: Pod + Default>(
         }
     }
     Ok(out)
+}
+
+/// Sums entries `0..count` of a per-CPU array of u64 over the `ncpus` possible CPUs, with one
+/// `BPF_MAP_LOOKUP_BATCH` (reading a per-CPU array key by key costs a syscall per counter).
+/// `count` must fit in one batch; callers fall back to key-by-key reads on an error.
+pub fn sum_per_cpu_u64(
+    fd: BorrowedFd<'_>,
+    count: u32,
+    ncpus: usize,
+) -> Result<Vec<u64>, SyscallError> {
+    let count = count as usize;
+    let mut keys = vec![0u32; count];
+    let mut values = vec![0u64; count * ncpus];
+    let mut next: Token = [0; 64];
+    let (read, _) = lookup_batch(fd, None, &mut next, &mut keys, &mut values)
+        .map_err(syscall_error("BPF_MAP_LOOKUP_BATCH"))?;
+    if read != count {
+        return Err(SyscallError {
+            call: "BPF_MAP_LOOKUP_BATCH",
+            io_error: io::Error::other(format!("read {read} of {count} per-CPU entries")),
+        });
+    }
+    Ok(values
+        .chunks(ncpus)
+        .map(|cpus| cpus.iter().fold(0u64, |acc, x| acc.wrapping_add(*x)))
+        .collect())
 }
 
 fn lookup_array_by_key<V: Pod + Default>(

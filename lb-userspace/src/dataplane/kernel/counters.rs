@@ -2,15 +2,19 @@
 //! a VIP id or backend slot gets a new owner. One handle shared by the data plane (resets) and
 //! the readers (scrapes run off the agent's loop); the maps are small, so a lock is no cost.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::{
+    os::fd::AsFd as _,
+    sync::{Mutex, MutexGuard, PoisonError},
+};
 
 use aya::{
     Ebpf,
-    maps::{Array, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
 };
 use lb_common::{GuardState, TrafficCounters, maps, stats::COUNTER_COUNT};
 
-use super::take_typed;
+use super::{batch::sum_per_cpu_u64, take_typed};
 use crate::dataplane::{CounterTable, DataPlaneError, FlowGuard};
 
 struct Maps {
@@ -88,6 +92,13 @@ fn sum(values: &PerCpuValues<TrafficCounters>) -> TrafficCounters {
 impl CounterTable for KernelCounters {
     fn global(&self) -> Result<Vec<u64>, DataPlaneError> {
         let held = self.lock();
+        // One batch call on every scrape; key by key (a syscall per counter) where the kernel
+        // has no batch lookup.
+        if let Ok(cpus) = nr_cpus()
+            && let Ok(sums) = sum_per_cpu_u64(held.global.map().fd().as_fd(), COUNTER_COUNT, cpus)
+        {
+            return Ok(sums);
+        }
         (0..COUNTER_COUNT)
             .map(|i| {
                 held.global
