@@ -211,21 +211,71 @@ impl Settings {
     }
 }
 
-/// An IPv4 prefix with its host bits zero, written `172.16.0.0/16`.
+/// An address family a [`Prefix`] can be written in: its address as an integer, and the
+/// words of its parse errors.
+pub trait PrefixFamily: Copy + fmt::Display + FromStr {
+    /// The address as an integer (host byte order).
+    type Bits: Copy + PartialEq + Default + std::ops::BitAnd<Output = Self::Bits>;
+    const MAX_LEN: u8;
+    /// `ParseError` words: what is parsed, and why it failed.
+    const WHAT: &'static str;
+    const EXPECTED: &'static str;
+    const BAD_ADDRESS: &'static str;
+    const BAD_LENGTH: &'static str;
+    fn bits(self) -> Self::Bits;
+    /// The host bits of a prefix of length `len` (at most `MAX_LEN`).
+    fn host_mask(len: u8) -> Self::Bits;
+}
+
+impl PrefixFamily for Ipv4Addr {
+    type Bits = u32;
+    const MAX_LEN: u8 = 32;
+    const WHAT: &'static str = "IPv4 prefix";
+    const EXPECTED: &'static str = "expected \"address/length\", e.g. \"172.16.0.0/16\"";
+    const BAD_ADDRESS: &'static str = "bad IPv4 address";
+    const BAD_LENGTH: &'static str = "the length must be 0..=32";
+    fn bits(self) -> u32 {
+        u32::from(self)
+    }
+    fn host_mask(len: u8) -> u32 {
+        u32::MAX.checked_shr(u32::from(len)).unwrap_or(0)
+    }
+}
+
+impl PrefixFamily for Ipv6Addr {
+    type Bits = u128;
+    const MAX_LEN: u8 = 128;
+    const WHAT: &'static str = "IPv6 prefix";
+    const EXPECTED: &'static str = "expected \"address/length\", e.g. \"fd00:4c42::/96\"";
+    const BAD_ADDRESS: &'static str = "bad IPv6 address";
+    const BAD_LENGTH: &'static str = "the length must be 0..=128";
+    fn bits(self) -> u128 {
+        u128::from(self)
+    }
+    fn host_mask(len: u8) -> u128 {
+        u128::MAX.checked_shr(u32::from(len)).unwrap_or(0)
+    }
+}
+
+/// An address prefix with its host bits zero, written `172.16.0.0/16` or `fd00:4c42::/96`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Ipv4Prefix {
-    addr: Ipv4Addr,
+pub struct Prefix<A> {
+    addr: A,
     len: u8,
 }
 
-impl Ipv4Prefix {
-    /// `None` when `len > 32` or `addr` has bits set beyond the prefix.
-    pub fn new(addr: Ipv4Addr, len: u8) -> Option<Self> {
+pub type Ipv4Prefix = Prefix<Ipv4Addr>;
+pub type Ipv6Prefix = Prefix<Ipv6Addr>;
+
+impl<A: PrefixFamily> Prefix<A> {
+    /// `None` when `len` is longer than the address or `addr` has bits set beyond the prefix.
+    pub fn new(addr: A, len: u8) -> Option<Self> {
         let prefix = Self { addr, len };
-        (len <= 32 && u32::from(addr) & prefix.host_mask() == 0).then_some(prefix)
+        (len <= A::MAX_LEN && addr.bits() & prefix.host_mask() == A::Bits::default())
+            .then_some(prefix)
     }
 
-    pub fn addr(&self) -> Ipv4Addr {
+    pub fn addr(&self) -> A {
         self.addr
     }
 
@@ -234,107 +284,40 @@ impl Ipv4Prefix {
     }
 
     /// The host bits, in host byte order.
-    pub fn host_mask(&self) -> u32 {
-        u32::MAX.checked_shr(u32::from(self.len)).unwrap_or(0)
+    pub fn host_mask(&self) -> A::Bits {
+        A::host_mask(self.len)
     }
 }
 
-impl fmt::Display for Ipv4Prefix {
+impl<A: fmt::Display> fmt::Display for Prefix<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
     }
 }
 
-impl FromStr for Ipv4Prefix {
+impl<A: PrefixFamily> FromStr for Prefix<A> {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, ParseError> {
-        let bad = |reason| ParseError::new("IPv4 prefix", s, reason);
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| bad("expected \"address/length\", e.g. \"172.16.0.0/16\""))?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| bad("bad IPv4 address"))?;
+        let bad = |reason| ParseError::new(A::WHAT, s, reason);
+        let (addr, len) = s.split_once('/').ok_or_else(|| bad(A::EXPECTED))?;
+        let addr: A = addr.parse().map_err(|_| bad(A::BAD_ADDRESS))?;
         let len: u8 = len
             .parse()
             .ok()
-            .filter(|&l| l <= 32)
-            .ok_or_else(|| bad("the length must be 0..=32"))?;
+            .filter(|&l| l <= A::MAX_LEN)
+            .ok_or_else(|| bad(A::BAD_LENGTH))?;
         Self::new(addr, len).ok_or_else(|| bad("the address has bits set beyond the prefix"))
     }
 }
 
-impl Serialize for Ipv4Prefix {
+impl<A: fmt::Display> Serialize for Prefix<A> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
 }
 
-impl<'de> Deserialize<'de> for Ipv4Prefix {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        s.parse().map_err(de::Error::custom)
-    }
-}
-
-/// An IPv6 prefix with its host bits zero, written `fd00:4c42::/96`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Ipv6Prefix {
-    addr: Ipv6Addr,
-    len: u8,
-}
-
-impl Ipv6Prefix {
-    /// `None` when `len > 128` or `addr` has bits set beyond the prefix.
-    pub fn new(addr: Ipv6Addr, len: u8) -> Option<Self> {
-        let prefix = Self { addr, len };
-        (len <= 128 && u128::from(addr) & prefix.host_mask() == 0).then_some(prefix)
-    }
-
-    pub fn addr(&self) -> Ipv6Addr {
-        self.addr
-    }
-
-    pub fn prefix_len(&self) -> u8 {
-        self.len
-    }
-
-    /// The host bits, in host byte order.
-    pub fn host_mask(&self) -> u128 {
-        u128::MAX.checked_shr(u32::from(self.len)).unwrap_or(0)
-    }
-}
-
-impl fmt::Display for Ipv6Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl FromStr for Ipv6Prefix {
-    type Err = ParseError;
-
-    fn from_str(s: &str) -> Result<Self, ParseError> {
-        let bad = |reason| ParseError::new("IPv6 prefix", s, reason);
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| bad("expected \"address/length\", e.g. \"fd00:4c42::/96\""))?;
-        let addr: Ipv6Addr = addr.parse().map_err(|_| bad("bad IPv6 address"))?;
-        let len: u8 = len
-            .parse()
-            .ok()
-            .filter(|&l| l <= 128)
-            .ok_or_else(|| bad("the length must be 0..=128"))?;
-        Self::new(addr, len).ok_or_else(|| bad("the address has bits set beyond the prefix"))
-    }
-}
-
-impl Serialize for Ipv6Prefix {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Ipv6Prefix {
+impl<'de, A: PrefixFamily> Deserialize<'de> for Prefix<A> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         s.parse().map_err(de::Error::custom)
