@@ -47,7 +47,9 @@ pub fn encapsulate(
     entropy: u32,
 ) -> Result<(), DropReason> {
     let failed = DropReason::EncapFailed;
-    // Four shapes of constant size each, so every write below has a constant length.
+    // Four shapes of constant size each, so every write below has a constant length. Folded
+    // into one arm per family (the UDP header optional at run time), the UDP hit measured
+    // 129-141 ns instead of 109.
     match (slot.family, slot.encap) {
         (FAMILY_V4, ENCAP_IPIP) => {
             let ip = ipv4_outer(slot, inner, cfg, entropy, 0).ok_or(failed)?;
